@@ -1,0 +1,4 @@
+"""Triton kernels and their torch APIs."""
+from kernels._interpreter import patch_bf16_dot
+
+patch_bf16_dot()

@@ -1,0 +1,149 @@
+"""The one place that reads tuned launch configs.
+
+Files live at ``<root>/<gpu-slug>/<kernel>.json`` where ``<root>`` is ``$KWB_CONFIG_DIR`` or
+the ``kernels/configs`` folder shipped with the package. The autotuner writes them through
+:func:`config_path` so the tuner and the runtime agree on names. A file looks like::
+
+    {"kernel": "lightning_attn_fwd",
+     "meta": {"gpu": ..., "driver": ..., "torch": ..., "triton": "3.6.0", "date": ...,
+              "strategy": ..., "candidates_tried": ..., "wall_s": ...},
+     "entries": [{"key": {"D": 128, "E": 128, "dtype": "bf16", "T": 16384},
+                  "config": {"BT": 64, "BV": 32, "num_warps": 4, "num_stages": 2},
+                  "median_ms": ..., "p20_ms": ..., "p80_ms": ..., "runner_up": {...}}]}
+
+Lookup order for ``lookup(kernel, key, default=..., near=("T",))``: the entry whose key equals
+``key``; else, among entries that agree on every field outside ``near``, the one nearest in
+log2 distance over the ``near`` fields; else ``default``. A missing, corrupt or stale file
+(written under another triton major.minor) warns once and yields the default. Nothing here
+tunes. Results are cached per (device, kernel, key), so a call costs a dict lookup.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import triton
+
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_root() -> Path:
+    """Where configs are read from and written to (``$KWB_CONFIG_DIR`` overrides)."""
+    override = os.environ.get("KWB_CONFIG_DIR")
+    return Path(override) if override else PACKAGE_CONFIG_DIR
+
+
+def slugify(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def device_slug(device_index: int | None = None) -> str:
+    """Slug of the CUDA device (``"cpu"`` without one): the folder its configs live in."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return slugify(torch.cuda.get_device_name(index))
+
+
+def config_path(kernel: str, slug: str | None = None) -> Path:
+    """``<root>/<slug>/<kernel>.json``: shared by the tuner (writes) and :func:`lookup`."""
+    return config_root() / (slug or device_slug()) / f"{kernel}.json"
+
+
+def triton_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _freeze(key: Mapping[str, Any]) -> tuple:
+    return tuple(sorted(key.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_entries(path: str) -> tuple[tuple[dict, dict], ...]:
+    """Valid (key, config) pairs of one file; () with a warning if it is missing/corrupt/stale."""
+    p = Path(path)
+    if not p.is_file():
+        _warn_once(f"kwb: no tuned config file {p}; using defaults (run `kwb tune` on this GPU)")
+        return ()
+    try:
+        data = json.loads(p.read_text())
+        written_with = data["meta"]["triton"]
+        entries = [(dict(e["key"]), dict(e["config"])) for e in data["entries"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _warn_once(f"kwb: ignoring corrupt config file {p} ({type(exc).__name__}: {exc}); using defaults")
+        return ()
+    if triton_minor(str(written_with)) != triton_minor(triton.__version__):
+        _warn_once(
+            f"kwb: ignoring stale config file {p}: tuned with triton {written_with}, "
+            f"running triton {triton.__version__}; using defaults (re-run `kwb tune`)"
+        )
+        return ()
+    return tuple(entries)
+
+
+def _log2_distance(a: Any, b: Any) -> float:
+    if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or a <= 0 or b <= 0:
+        return 0.0 if a == b else math.inf
+    return abs(math.log2(a) - math.log2(b))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(path: str, frozen_key: tuple, frozen_default: tuple, near: tuple[str, ...]) -> tuple:
+    key = dict(frozen_key)
+    entries = _load_entries(path)
+    for entry_key, config in entries:
+        if entry_key == key:
+            return _freeze(config)
+    fixed = {name: value for name, value in key.items() if name not in near}
+    best, best_distance = None, math.inf
+    for entry_key, config in entries:
+        if {n: v for n, v in entry_key.items() if n not in near} != fixed:
+            continue
+        distance = sum(_log2_distance(entry_key.get(n), key.get(n)) for n in near)
+        if distance < best_distance:
+            best, best_distance = config, distance
+    if best is not None:
+        return _freeze(best)
+    if entries:
+        _warn_once(f"kwb: {path} has no entry compatible with {key}; using the default {dict(frozen_default)}")
+    return frozen_default
+
+
+def lookup(
+    kernel: str,
+    key: Mapping[str, Any],
+    *,
+    default: Mapping[str, Any],
+    near: tuple[str, ...] = (),
+    slug: str | None = None,
+) -> dict:
+    """Launch config of ``kernel`` for the shape bucket ``key`` on this GPU (see module doc)."""
+    path = str(config_path(kernel, slug))
+    return dict(_lookup(path, _freeze(key), _freeze(default), tuple(near)))
+
+
+def clear_cache() -> None:
+    """Forget cached files and answers (after a tuner wrote a file, or in tests)."""
+    _load_entries.cache_clear()
+    _lookup.cache_clear()
+    device_slug.cache_clear()
+    _warned.clear()

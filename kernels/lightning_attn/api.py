@@ -1,0 +1,105 @@
+"""Public lightning attention API: input checks, then the kernels."""
+from __future__ import annotations
+
+import torch
+
+from kernels.lightning_attn.forward import lightning_attn_fwd
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _check_inputs(q, k, v, slopes, initial_state, cu_seqlens) -> None:
+    """Raise TypeError/ValueError naming the argument, before anything launches."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, {'E' if name == 'v' else 'D'}] (4 dims), got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    B, T, H, D = q.shape
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, E] = [{B}, {T}, {H}, E] like q, got {tuple(v.shape)}")
+    E = v.shape[-1]
+    for name, dim in (("D (head dim of q, k)", D), ("E (head dim of v)", E)):
+        if dim not in HEAD_DIMS:
+            raise ValueError(f"{name} must be one of {HEAD_DIMS}, got {dim}")
+    devices = {x.device for x in (q, k, v, slopes)}
+    if initial_state is not None:
+        devices.add(initial_state.device)
+    if cu_seqlens is not None:
+        devices.add(cu_seqlens.device)
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must be [H] = [{H}], got {tuple(slopes.shape)}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"slopes must be a float tensor, got {slopes.dtype}")
+
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"batch size is expected to be 1 rather than {B} when using cu_seqlens")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {bounds}")
+        N = len(bounds) - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
+        if initial_state.shape != (N, H, D, E):
+            raise ValueError(f"initial_state must be [N, H, D, E] = [{N}, {H}, {D}, {E}], got {tuple(initial_state.shape)}")
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
+        return lightning_attn_fwd(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        raise NotImplementedError("lightning_attn has no backward kernel yet (issue 4); call it under torch.no_grad()")
+
+
+def lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning attention (linear attention with per-head exponential decay).
+
+    Per head h: ``S_t = exp(-slopes[h]) * S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``.
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, E]``; float32, bfloat16 or float16 (one dtype),
+            D and E powers of two in 16..256. Any strides.
+        slopes: float ``[H]`` decay rates, e.g. ``minimax_slopes(H, layer_idx, num_layers)``.
+        scale: multiplies the output.
+        initial_state: float ``[N, H, D, E]``, N = B, or the number of sequences with cu_seqlens.
+        output_final_state: also return the fp32 state after the last token.
+        cu_seqlens: int32/int64 ``[N+1]`` offsets of N sequences packed into one row (B = 1).
+
+    Returns:
+        ``o [B, T, H, E]`` in the input dtype (fp32 accumulation), and the final state
+        ``[N, H, D, E]`` float32, or None.
+    """
+    _check_inputs(q, k, v, slopes, initial_state, cu_seqlens)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    slopes = slopes.to(torch.float32).contiguous()
+    return LightningAttnFunction.apply(q, k, v, slopes, float(scale), initial_state, bool(output_final_state), cu_seqlens)

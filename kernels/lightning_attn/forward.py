@@ -1,0 +1,176 @@
+"""Lightning attention forward: one pass over q, k, v, no state written to HBM.
+
+Decomposition. One program owns one (sequence, head, slice of E of width BV) and walks the
+sequence chunk by chunk (BT tokens), carrying the fp32 state ``S [D, BV]`` in registers from
+chunk to chunk. Nothing but o (and, if asked, the final state) is written. Splitting E keeps
+the chunk loop sequential yet gives B*H*(E/BV) programs: at B=1, H=64, E=128 and BV=32 that
+is 256 programs for 132 SMs. The E/BV programs of a head are adjacent in the grid, so they
+walk the same q, k chunks at the same time and share them through L2.
+
+Per chunk, with rows i and columns j counted from the chunk start, n valid rows,
+``lambda = exp(-slope)`` and S the state carried in::
+
+    o_i   = scale * ( sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j   +   lambda^(i+1) q_i S )
+    S_out = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+
+KERNEL = "lightning_attn_fwd"
+
+# Used when no tuned file applies (CPU, an untuned GPU, a far-off shape). Chosen to be valid
+# for every supported head dim (D, E in 16..256) and reasonable on an H100.
+DEFAULT_CONFIG = {"BT": 64, "BV": 32, "num_warps": 4, "num_stages": 2}
+CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _lightning_fwd_kernel(
+    q, k, v, o, slopes, h0, ht, cu_seqlens,
+    T, scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, OUTPUT_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = 0
+        eos = T
+    L = eos - bos
+    # decay in log2 units: lambda^m = exp2(-s * m)
+    s = tl.load(slopes + i_h).to(tl.float32) * 1.4426950408889634
+
+    # batch strides are 0 for packed sequences (one batch row, offsets from cu_seqlens)
+    q_base = q + i_n.to(tl.int64) * stride_qb + bos * stride_qt + i_h * stride_qh
+    k_base = k + i_n.to(tl.int64) * stride_kb + bos * stride_kt + i_h * stride_kh
+    v_base = v + i_n.to(tl.int64) * stride_vb + bos * stride_vt + i_h * stride_vh
+    o_base = o + i_n.to(tl.int64) * stride_ob + bos * stride_ot + i_h * stride_oh
+    # the state slice S[:, i_v*BV : (i_v+1)*BV] of (sequence i_n, head i_h), row-major [D, E]
+    p_state = (i_nh.to(tl.int64) * D * E + tl.arange(0, D)[:, None] * E
+               + i_v * BV + tl.arange(0, BV)[None, :])
+
+    b_s = tl.zeros([D, BV], dtype=tl.float32)  # [D, BV]
+    if HAS_INITIAL_STATE:
+        b_s += tl.load(h0 + p_state)
+
+    o_i = tl.arange(0, BT)
+    # intra-chunk decay lambda^(i-j) on and below the diagonal, 0 above
+    diff = o_i[:, None] - o_i[None, :]
+    m_intra = tl.where(diff >= 0, tl.exp2(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)  # [BT, BT]
+    # decay of the carried-in state to row i: lambda^(i+1)
+    d_q = tl.exp2(-s * (o_i + 1).to(tl.float32))  # [BT]
+
+    o_d = tl.arange(0, D)
+    o_e = i_v * BV + tl.arange(0, BV)
+    # pointers to the first chunk; they advance by BT rows per chunk (64-bit pointer math)
+    p_q = q_base + o_i[:, None] * stride_qt + o_d[None, :]  # [BT, D]
+    p_kt = k_base + o_i[None, :] * stride_kt + o_d[:, None]  # [D, BT]
+    p_v = v_base + o_i[:, None] * stride_vt + o_e[None, :]  # [BT, BV]
+    p_o = o_base + o_i[:, None] * stride_ot + o_e[None, :]  # [BT, BV]
+
+    for i_t in range(0, tl.cdiv(L, BT)):
+        m_t = i_t * BT + o_i < L
+        b_q = tl.load(p_q, mask=m_t[:, None], other=0.0)  # [BT, D]
+        b_kt = tl.load(p_kt, mask=m_t[None, :], other=0.0)  # [D, BT]
+        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
+        n = tl.minimum(L - i_t * BT, BT).to(tl.float32)
+
+        # intra-chunk: causal q k^T with decay, applied to v
+        b_a = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [BT, BV]
+        # inter-chunk: the state carried in from earlier chunks
+        b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION) * d_q[:, None]
+        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None])
+
+        # carry the state past this chunk: S = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
+        d_k = tl.where(o_i < n, tl.exp2(-s * tl.maximum(n - 1 - o_i, 0)), 0.0)  # [BT]
+        b_s = b_s * tl.exp2(-s * n) + tl.dot(
+            (b_kt * d_k[None, :]).to(b_v.dtype), b_v, input_precision=DOT_PRECISION
+        )
+        p_q += BT * stride_qt
+        p_kt += BT * stride_kt
+        p_v += BT * stride_vt
+        p_o += BT * stride_ot
+
+    if OUTPUT_FINAL_STATE:
+        tl.store(ht + p_state, b_s)
+
+
+def bucket_key(D: int, E: int, T: int, dtype: torch.dtype) -> dict:
+    """Shape bucket the tuned configs are keyed by: head dims, dtype, T rounded up to 2^k."""
+    return {"D": D, "E": E, "dtype": str(dtype).removeprefix("torch."), "T": triton.next_power_of_2(max(T, 1))}
+
+
+def valid_config(config: dict, D: int, E: int) -> bool:
+    """Whether a config can launch for head dims (D, E): BV divides E, dot tiles >= 16."""
+    return (
+        config["BV"] <= E and E % config["BV"] == 0 and config["BV"] >= 16 and config["BT"] >= 16
+        and D >= 16
+    )
+
+
+def lightning_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernel on validated inputs (see ``api.lightning_attn``).
+
+    ``config`` (BT, BV, num_warps, num_stages) overrides the tuned lookup; the autotuner
+    passes candidates this way. Inputs need a unit last-dim stride; other strides are free.
+    """
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if config is None:
+        # the longest sequence decides the bucket; T of the packed row bounds it
+        config = _config.lookup(KERNEL, bucket_key(D, E, T, q.dtype), default=DEFAULT_CONFIG, near=("T",))
+        if not valid_config(config, D, E):
+            config = {**DEFAULT_CONFIG, "BV": min(DEFAULT_CONFIG["BV"], E)}
+    BT, BV = config["BT"], config["BV"]
+
+    o = torch.empty(B, T, H, E, dtype=q.dtype, device=q.device)
+    final_state = torch.empty(N, H, D, E, dtype=torch.float32, device=q.device) if output_final_state else None
+    if N == 0 or (cu_seqlens is None and T == 0):
+        if final_state is not None:
+            final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
+        return o, final_state
+
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    def strides(x: torch.Tensor) -> tuple[int, int, int]:
+        return (0 if cu_seqlens is not None else x.stride(0), x.stride(1), x.stride(2))
+
+    grid = (E // BV, N * H)
+    _lightning_fwd_kernel[grid](
+        q, k, v, o, slopes, h0, final_state, cu_seqlens,
+        T, scale,
+        *strides(q), *strides(k), *strides(v), *strides(o),
+        H=H, D=D, E=E, BT=BT, BV=BV,
+        HAS_INITIAL_STATE=h0 is not None,
+        OUTPUT_FINAL_STATE=final_state is not None,
+        IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return o, final_state

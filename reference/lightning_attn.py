@@ -1,0 +1,60 @@
+"""Token-by-token lightning attention: the definition every kernel must match.
+
+Per head h, with decay ``lambda_h = exp(-slopes[h])``::
+
+    S_t = lambda_h * S_{t-1} + k_t^T v_t        S_0 = initial_state (or 0)
+    o_t = scale * q_t S_t
+
+Written for clarity, not speed: a Python loop over tokens in float64.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def lightning_attn_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference lightning attention.
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, E]`` (any float dtype).
+        slopes: ``[H]``; the decay of head h is ``exp(-slopes[h])``.
+        initial_state: ``[N, H, D, E]`` with N = B, or N = len(cu_seqlens) - 1.
+        cu_seqlens: ``[N + 1]`` int offsets of N packed sequences; then B must be 1.
+
+    Returns:
+        ``o`` as ``[B, T, H, E]`` float64 and the final state ``[N, H, D, E]`` float64.
+        Autograd flows through both (float64), which is what gradient tests compare with.
+    """
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    decay = torch.exp(-slopes.to(torch.float64)).view(H, 1, 1)
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        bounds = cu_seqlens.tolist()
+        spans = [(0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
+
+    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    finals = []
+    for n, (b, start, end) in enumerate(spans):
+        if initial_state is None:
+            state = torch.zeros(H, D, E, dtype=torch.float64, device=q.device)
+        else:
+            state = initial_state[n].to(torch.float64)
+        for t in range(start, end):
+            state = decay * state + k[b, t, :, :, None] * v[b, t, :, None, :]
+            rows[b].append(scale * torch.einsum("hd,hde->he", q[b, t], state))
+        finals.append(state)
+    empty = q.new_zeros(0, H, E)
+    outs = torch.stack([torch.stack(r) if r else empty for r in rows])
+    return outs, torch.stack(finals)
