@@ -82,6 +82,8 @@ def _load_entries(path: str) -> tuple[tuple[dict, dict], ...]:
     """Valid (key, config) pairs of one file; () with a warning if it is missing/corrupt/stale."""
     p = Path(path)
     if not p.is_file():
+        if p.parent.name == "cpu":  # the interpreter: launch configs mean nothing there
+            return ()
         _warn_once(f"kwb: no tuned config file {p}; using defaults (run `kwb tune` on this GPU)")
         return ()
     try:

@@ -25,7 +25,6 @@ from profiling import (
 )
 
 
-
 def needs_gpu(test):
     """Mark ``test`` as a GPU test, skipped with a reason where there is none."""
     test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
