@@ -58,3 +58,48 @@ def lightning_attn_ref(
     empty = q.new_zeros(0, H, E)
     outs = torch.stack([torch.stack(r) if r else empty for r in rows])
     return outs, torch.stack(finals)
+
+
+def lightning_attn_chunked_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function as :func:`lightning_attn_ref` (no ``cu_seqlens``), in float64 but
+    chunk by chunk with matrix products, so it can check GPU kernels at T = 64K.
+
+    Within a chunk of n tokens (rows i, columns j from the chunk start, S carried in)::
+
+        o_i = scale * (sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j + lambda^(i+1) q_i S)
+        S  <- lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
+
+    It is tested against the token-by-token loop on the CPU.
+    """
+    q, k, v = (x.to(torch.float64).transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    B, H, T, D = q.shape
+    E = v.shape[-1]
+    rate = slopes.to(torch.float64).view(H, 1)
+    state = (
+        initial_state.to(torch.float64).clone()
+        if initial_state is not None
+        else q.new_zeros(B, H, D, E)
+    )
+    out = []
+    for start in range(0, T, chunk):
+        qc, kc, vc = (x[:, :, start:start + chunk] for x in (q, k, v))
+        n = qc.shape[2]
+        i = torch.arange(n, dtype=torch.float64, device=q.device)
+        gap = i[:, None] - i[None, :]
+        intra = torch.exp(-rate[..., None] * gap.clamp(min=0)) * (gap >= 0)  # [H, n, n]
+        scores = (qc @ kc.transpose(-1, -2)) * intra
+        carried = (qc * torch.exp(-rate * (i + 1))[..., None]) @ state
+        out.append(scale * (scores @ vc + carried))
+        k_decayed = kc * torch.exp(-rate * (n - 1 - i))[..., None]
+        state = torch.exp(-rate * n)[..., None] * state + k_decayed.transpose(-1, -2) @ vc
+    o = torch.cat(out, dim=2) if out else q.new_zeros(B, H, 0, E)
+    return o.transpose(1, 2), state

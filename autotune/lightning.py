@@ -1,0 +1,152 @@
+"""The lightning attention forward kernel as a tunable (registered as ``lightning_attn_fwd``).
+
+Space: chunk length BT, width BV of the slice of E one program owns, num_warps, num_stages.
+Pruning before compiling: the kernel's own launch rule (:func:`forward.valid_config`: BV
+divides E, dot tiles of at least 16) and a shared-memory estimate against the H100 limit.
+Buckets are the kernel's :func:`forward.bucket_key`, so the tuner writes exactly the keys the
+kernel looks up. Inputs are random (never zero) with MiniMax slopes of a middle layer; the
+reference is the float64 chunked recurrence, fast enough on a GPU at T = 64K.
+"""
+from __future__ import annotations
+
+import torch
+
+from autotune.tunable import Config, Shape, Tunable, parse_assignments, register
+from kernels.lightning_attn import forward, minimax_slopes
+from reference.lightning_attn import lightning_attn_chunked_ref
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+SPACE = {
+    "BT": [32, 64, 128],
+    "BV": [16, 32, 64, 128],
+    "num_warps": [4, 8],
+    "num_stages": [1, 2, 3, 4],
+}
+
+# Largest dynamic shared memory one block may opt into on sm_90 (H100): 227 KB. A GPU with
+# less fails such candidates at compile time (OutOfResources), which the runner records.
+SHARED_MEMORY_LIMIT = 227 * 1024
+
+SHAPE_SETS = {
+    # MiniMax-01's lightning layers: 64 heads of 128, bf16, one sequence from 1K to 64K tokens
+    "minimax": [{"B": 1, "T": 2**p, "H": 64, "D": 128, "E": 128, "dtype": "bf16"} for p in range(10, 17)],
+    # tiny enough for the Triton interpreter (a few seconds per shape on a CPU)
+    "small": [
+        {"B": 1, "T": 64, "H": 2, "D": 16, "E": 16, "dtype": "bf16"},
+        {"B": 1, "T": 100, "H": 1, "D": 32, "E": 32, "dtype": "bf16"},
+    ],
+}
+_SHAPE_FIELDS = ("B", "T", "H", "D", "E", "dtype")
+
+
+def shared_memory_bytes(config: Config, D: int, E: int, itemsize: int) -> int:
+    """Estimated shared memory of one program, in bytes.
+
+    The loads of one chunk, q ``[BT, D]``, k^T ``[D, BT]`` and v ``[BT, BV]``, are buffered
+    ``num_stages`` deep (elements of ``itemsize`` bytes), and the fp32 ``[BT, BT]`` decayed
+    score tile passes through shared memory on its way into the second dot::
+
+        num_stages * itemsize * (BT*D + D*BT + BT*BV) + 4 * BT*BT
+
+    An estimate, not Triton's allocation: it prunes what cannot fit before compiling, and a
+    config it lets through that does not fit fails to compile and is recorded as failed.
+    """
+    BT, BV = config["BT"], config["BV"]
+    return config["num_stages"] * itemsize * (BT * D + D * BT + BT * BV) + 4 * BT * BT
+
+
+def is_valid(config: Config, shape: Shape) -> bool:
+    """The kernel's launch rule for (D, E) and the shared-memory estimate within the limit."""
+    D, E = shape["D"], shape["E"]
+    itemsize = DTYPES[shape["dtype"]].itemsize
+    return forward.valid_config(config, D, E) and shared_memory_bytes(config, D, E, itemsize) <= SHARED_MEMORY_LIMIT
+
+
+def bucket(shape: Shape) -> dict:
+    """The key the kernel looks up at run time for this shape."""
+    return forward.bucket_key(shape["D"], shape["E"], shape["T"], DTYPES[shape["dtype"]])
+
+
+def make_inputs(shape: Shape, device: str) -> dict:
+    """Random q, k, v (standard normal, in the shape's dtype), MiniMax slopes of layer 3 of 8."""
+    B, T, H, D, E = (shape[n] for n in ("B", "T", "H", "D", "E"))
+    dtype = DTYPES[shape["dtype"]]
+    return {
+        "q": torch.randn(B, T, H, D, device=device, dtype=dtype),
+        "k": torch.randn(B, T, H, D, device=device, dtype=dtype),
+        "v": torch.randn(B, T, H, E, device=device, dtype=dtype),
+        "slopes": minimax_slopes(H, 3, 8).to(device),
+        "scale": D**-0.5,
+    }
+
+
+def run(inputs: dict, config: Config) -> torch.Tensor:
+    """One forward launch with ``config``; returns o."""
+    o, _ = forward.lightning_attn_fwd(
+        inputs["q"], inputs["k"], inputs["v"], inputs["slopes"], inputs["scale"], None, False, None, config=config
+    )
+    return o
+
+
+def reference(inputs: dict) -> torch.Tensor:
+    """o from the float64 chunked reference."""
+    o, _ = lightning_attn_chunked_ref(inputs["q"], inputs["k"], inputs["v"], inputs["slopes"], scale=inputs["scale"])
+    return o
+
+
+def tolerance(shape: Shape) -> float:
+    """Relative error bound by dtype (DESIGN.md): 1e-5 for fp32, 1e-2 for bf16 and fp16 operands."""
+    return 1e-5 if shape["dtype"] == "fp32" else 1e-2
+
+
+def bytes_moved(shape: Shape) -> int:
+    """q and k read (D each), v read and o written (E each), per token and head; plus the slopes."""
+    B, T, H, D, E = (shape[n] for n in ("B", "T", "H", "D", "E"))
+    return DTYPES[shape["dtype"]].itemsize * B * T * H * (2 * D + 2 * E) + 4 * H
+
+
+def default_config(shape: Shape) -> Config:
+    """What ``lightning_attn_fwd`` launches when no tuned entry applies (its fallback rule)."""
+    config = dict(forward.DEFAULT_CONFIG)
+    if not forward.valid_config(config, shape["D"], shape["E"]):
+        config["BV"] = min(config["BV"], shape["E"])
+    return config
+
+
+def parse_shape(text: str) -> Shape:
+    """``"T=4096,H=64,D=128"`` -> a full shape; B=1, E=D and dtype=bf16 unless given."""
+    given = parse_assignments(text)
+    unknown = sorted(set(given) - set(_SHAPE_FIELDS))
+    missing = [n for n in ("T", "H", "D") if n not in given]
+    if unknown or missing:
+        raise ValueError(
+            f"lightning shape {text!r}: fields are {', '.join(_SHAPE_FIELDS)} with T, H, D required"
+            f" (unknown: {unknown or 'none'}, missing: {missing or 'none'})"
+        )
+    shape = {"B": 1, **given, "E": given.get("E", given["D"]), "dtype": given.get("dtype", "bf16")}
+    if shape["dtype"] not in DTYPES:
+        raise ValueError(f"lightning shape {text!r}: dtype must be one of {', '.join(DTYPES)}, got {shape['dtype']!r}")
+    for name in ("B", "T", "H", "D", "E"):
+        if not isinstance(shape[name], int) or shape[name] < 1:
+            raise ValueError(f"lightning shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
+    return {name: shape[name] for name in _SHAPE_FIELDS}
+
+
+TUNABLE = register(
+    Tunable(
+        name=forward.KERNEL,
+        space=SPACE,
+        is_valid=is_valid,
+        bucket=bucket,
+        make_inputs=make_inputs,
+        run=run,
+        reference=reference,
+        tolerance=tolerance,
+        bytes_moved=bytes_moved,
+        default_config=default_config,
+        shape_sets=SHAPE_SETS,
+        parse_shape=parse_shape,
+        near=("T",),
+    )
+)

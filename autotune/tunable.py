@@ -1,0 +1,108 @@
+"""What a kernel hands the autotuner: a :class:`Tunable`, and the registry that holds them.
+
+A tunable names its kernel (which is also the config file's name), its search space, the
+pruning rule run before anything compiles, the shape bucket its runtime lookup computes, and
+how to build inputs, launch one config, compute the reference and judge the error. Shapes
+are plain dicts (``{"B": 1, "T": 4096, "H": 64, "D": 128, "E": 128, "dtype": "bf16"}`` for
+lightning attention) so they travel to worker processes and into JSON unchanged.
+
+Every callable must be a module-level function: the runner pickles the tunable into a
+worker process, and pickle stores functions by their import path.
+
+Built-in tunables live in the modules of :data:`BUILTIN_MODULES` and are imported on the
+first :func:`get` or :func:`names`, not when ``autotune`` is imported: importing a kernel
+module decides whether it runs compiled or through the Triton interpreter, and
+``kwb tune --interpret`` must set that first.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+Shape = dict[str, Any]
+Config = dict[str, Any]
+
+BUILTIN_MODULES = ("autotune.lightning",)
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A kernel's search space plus everything needed to check and time one config."""
+
+    name: str  # kernel name: the config file is <root>/<gpu-slug>/<name>.json
+    space: dict[str, list]  # parameter -> values, in the order "neighbours" means
+    is_valid: Callable[[Config, Shape], bool]  # pruning before compiling
+    bucket: Callable[[Shape], dict]  # the key written to the file == the runtime lookup's key
+    make_inputs: Callable[[Shape, str], Any]  # (shape, device) -> inputs, fresh random values
+    run: Callable[[Any, Config], Any]  # launch with an explicit config -> output tensor(s)
+    reference: Callable[[Any], Any]  # inputs -> expected output tensor(s)
+    tolerance: Callable[[Shape], float]  # bound on the relative Frobenius error
+    bytes_moved: Callable[[Shape], int]  # each input read once, each output written once
+    default_config: Callable[[Shape], Config]  # what the runtime launches when nothing is tuned
+    shape_sets: dict[str, list[Shape]]  # named shape sets, e.g. "minimax", "small"
+    parse_shape: Callable[[str], Shape]  # "T=4096,H=64,D=128" -> a full shape
+    near: tuple[str, ...] = ()  # key fields the runtime lookup may round to the nearest entry
+
+    def configs(self) -> list[Config]:
+        """Every point of the space (the cartesian product), valid or not."""
+        params = list(self.space)
+        return [dict(zip(params, values)) for values in itertools.product(*(self.space[p] for p in params))]
+
+    def candidates(self, shape: Shape) -> list[Config]:
+        """The points of the space that :attr:`is_valid` keeps for ``shape``."""
+        return [config for config in self.configs() if self.is_valid(config, shape)]
+
+    def shapes(self, spec: str) -> list[Shape]:
+        """A named shape set, or custom shapes separated by ``;`` (see :attr:`parse_shape`)."""
+        if spec in self.shape_sets:
+            return [dict(shape) for shape in self.shape_sets[spec]]
+        return [self.parse_shape(part) for part in spec.split(";") if part.strip()]
+
+
+def shape_label(shape: Shape) -> str:
+    """``{"T": 4096, "H": 64}`` -> ``"T=4096,H=64"`` (the syntax :attr:`Tunable.parse_shape` reads)."""
+    return ",".join(f"{name}={value}" for name, value in shape.items())
+
+
+def parse_assignments(text: str) -> dict[str, Any]:
+    """``"T=4096, H=64,dtype=bf16"`` -> ``{"T": 4096, "H": 64, "dtype": "bf16"}`` (ints where they parse)."""
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not name or not value:
+            raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {part.strip()!r} in {text!r}")
+        out[name] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+_REGISTRY: dict[str, Tunable] = {}
+
+
+def register(tunable: Tunable) -> Tunable:
+    """Add ``tunable`` to the registry; a second tunable with the same name is an error."""
+    if tunable.name in _REGISTRY and _REGISTRY[tunable.name] is not tunable:
+        raise ValueError(f"a tunable named {tunable.name!r} is already registered")
+    _REGISTRY[tunable.name] = tunable
+    return tunable
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def get(name: str) -> Tunable:
+    """The registered tunable ``name``; KeyError listing the known names otherwise."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no tunable kernel named {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    """Names of all registered tunables, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
