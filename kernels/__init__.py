@@ -1,4 +1,4 @@
 """Triton kernels and their torch APIs."""
-from kernels._interpreter import patch_bf16_dot
+from kernels._interpreter import patch_bf16
 
-patch_bf16_dot()
+patch_bf16()

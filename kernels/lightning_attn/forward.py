@@ -7,7 +7,7 @@ the chunk loop sequential yet gives B*H*(E/BV) programs: at B=1, H=64, E=128 and
 is 256 programs for 132 SMs. The E/BV programs of a head are adjacent in the grid, so they
 walk the same q, k chunks at the same time and share them through L2.
 
-Per chunk, with rows i and columns j counted from the chunk start, n valid rows,
+Per chunk (measured variants and their times are in docs/perf-notes.md), with rows i and columns j counted from the chunk start, n valid rows,
 ``lambda = exp(-slope)`` and S the state carried in::
 
     o_i   = scale * ( sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j   +   lambda^(i+1) q_i S )
@@ -23,10 +23,11 @@ from kernels import _config
 
 KERNEL = "lightning_attn_fwd"
 
-# Used when no tuned file applies (CPU, an untuned GPU, a far-off shape): valid for every
-# supported head dim. On an H100 (triton 3.6, B=1 T=16K H=64 D=E=128 bf16) it ran 0.586 ms
-# against 0.574 ms for the best of 96 configs; 3 stages of q, k tiles do not fit at D = 256.
-DEFAULT_CONFIG = {"BT": 64, "BV": 32, "num_warps": 4, "num_stages": 3}
+# Used when no tuned file applies (CPU, an untuned GPU, a far-off shape). BT=64, BV=64, 4 warps,
+# 3 stages won at every benchmark shape (B=1 T=4K/16K/64K, B=8 T=4K; H=64, D=E=128, bf16) in
+# a sweep of 72 configs on an H200 (triton 3.6; results/logs/lightning_fwd_sweep_v2_h200.jsonl).
+# BV shrinks to E for small E; 3 stages of q, k tiles do not fit in shared memory at D = 256.
+DEFAULT_CONFIG = {"BT": 64, "BV": 64, "num_warps": 4, "num_stages": 3}
 
 
 def default_config(D: int, E: int) -> dict:
@@ -97,18 +98,18 @@ def _lightning_fwd_kernel(
         b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
         n = tl.minimum(L - i_t * BT, BT).to(tl.float32)
 
-        # intra-chunk: causal q k^T with decay, applied to v
+        # inter-chunk: the state carried in, decayed to each row (lambda^(i+1) folded into q)
+        b_o = tl.dot((b_q * d_q[:, None]).to(b_q.dtype), b_s.to(b_q.dtype), input_precision=DOT_PRECISION)  # [BT, BV]
+        # intra-chunk: causal q k^T with decay lambda^(i-j), applied to v, same accumulator
         b_a = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
-        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [BT, BV]
-        # inter-chunk: the state carried in from earlier chunks
-        b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION) * d_q[:, None]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v, acc=b_o, input_precision=DOT_PRECISION)
         tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None])
 
         # carry the state past this chunk: S = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
+        # (the decay goes on v's BT x BV rows, fewer than k's D x BT)
         d_k = tl.where(o_i < n, tl.exp2(-s * tl.maximum(n - 1 - o_i, 0)), 0.0)  # [BT]
-        b_s = b_s * tl.exp2(-s * n) + tl.dot(
-            (b_kt * d_k[None, :]).to(b_v.dtype), b_v, input_precision=DOT_PRECISION
-        )
+        b_s = tl.dot(b_kt, (b_v * d_k[:, None]).to(b_v.dtype), acc=b_s * tl.exp2(-s * n),
+                     input_precision=DOT_PRECISION)
         p_q += BT * stride_qt
         p_kt += BT * stride_kt
         p_v += BT * stride_vt
