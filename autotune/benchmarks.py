@@ -56,6 +56,14 @@ def _sdpa_fwd(q, k, v, s):
     )
 
 
+def kernel_source_hash() -> str:
+    """Identifies the kernel version a number was measured with (the tree travels without .git)."""
+    import hashlib
+    import kernels.lightning_attn.forward as forward
+
+    return hashlib.sha1(Path(forward.__file__).read_bytes()).hexdigest()[:12]
+
+
 def lightning_fwd_providers() -> dict[str, Callable | None]:
     """name -> fn(q, k, v, slopes); None where the peer is not installed."""
     return {
@@ -72,7 +80,7 @@ class LightningFwdCase:
                  layer: int = 3, num_layers: int = 8):
         self.shape, self.provider, self.dtype = shape, provider, dtype
         self.fn = lightning_fwd_providers()[provider]
-        self.extra = {"layer": layer, "num_layers": num_layers}
+        self.extra = {"layer": layer, "num_layers": num_layers, "kernel_source": kernel_source_hash()}
         if self.fn is None:
             return
         B, T, H, D, E = (shape[k] for k in "BTHDE")
