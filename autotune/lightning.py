@@ -2,7 +2,8 @@
 
 Space: chunk length BT, width BV of the slice of E one program owns, num_warps, num_stages.
 Pruning before compiling: the kernel's own launch rule (:func:`forward.valid_config`: BV
-divides E, dot tiles of at least 16) and a shared-memory estimate against the H100 limit.
+divides E, dot tiles of at least 16, num_stages >= 2 since triton 3.6 miscompiles one stage)
+and a shared-memory estimate against the H100 limit.
 Buckets are the kernel's :func:`forward.bucket_key`, so the tuner writes exactly the keys the
 kernel looks up. Inputs are random (never zero) with MiniMax slopes of a middle layer; the
 reference is the float64 chunked recurrence, fast enough on a GPU at T = 64K.
@@ -107,11 +108,8 @@ def bytes_moved(shape: Shape) -> int:
 
 
 def default_config(shape: Shape) -> Config:
-    """What ``lightning_attn_fwd`` launches when no tuned entry applies (its fallback rule)."""
-    config = dict(forward.DEFAULT_CONFIG)
-    if not forward.valid_config(config, shape["D"], shape["E"]):
-        config["BV"] = min(config["BV"], shape["E"])
-    return config
+    """What ``lightning_attn_fwd`` launches when no tuned entry applies."""
+    return forward.default_config(shape["D"], shape["E"])
 
 
 def parse_shape(text: str) -> Shape:

@@ -32,7 +32,7 @@ class Tunable:
     """A kernel's search space plus everything needed to check and time one config."""
 
     name: str  # kernel name: the config file is <root>/<gpu-slug>/<name>.json
-    space: dict[str, list]  # parameter -> values, in the order "neighbours" means
+    space: dict[str, list]  # parameter -> the values it may take
     is_valid: Callable[[Config, Shape], bool]  # pruning before compiling
     bucket: Callable[[Shape], dict]  # the key written to the file == the runtime lookup's key
     make_inputs: Callable[[Shape, str], Any]  # (shape, device) -> inputs, fresh random values

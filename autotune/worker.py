@@ -151,7 +151,7 @@ class InProcess:
 
 def _worker_main(conn: Connection, device: str, env: dict[str, str]) -> None:
     """Worker loop: receive the tunable, then ``(shape, config, rep_ms)`` until None."""
-    os.environ.update(env)  # before the tunable's modules import triton and compile anything
+    os.environ.update(env)  # before the first compile: triton reads TRITON_CACHE_DIR when it compiles
     try:
         evaluator = Evaluator(conn.recv(), device)
     except BaseException:

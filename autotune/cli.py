@@ -1,0 +1,292 @@
+"""``kwb`` (and ``python -m autotune``): tune kernels, show which tuned configs apply.
+
+    kwb tune lightning_attn_fwd --shapes minimax --strategy local
+    kwb tune all --shapes "T=4096,H=64,D=128;T=8192,H=64,D=128"
+    kwb tune lightning_attn_fwd --shapes small --interpret --out-dir /tmp/configs
+    kwb info
+
+Nothing that imports triton (the runner, the tunables, the writer) is imported at module
+level: triton reads ``TRITON_INTERPRET`` when it is imported (its own ``@jit`` library
+functions are built then), so ``--interpret`` has to set it first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from autotune.result import Result
+from autotune.strategies import STRATEGIES
+from autotune.tunable import Tunable, shape_label
+
+if TYPE_CHECKING:
+    from autotune.runner import BucketResult, Job, TuneRun, Tuner
+
+app = typer.Typer(
+    help="Kernel workbench: tune kernels on this GPU and inspect the tuned configs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+MAX_INTERPRET_BYTES = 1 << 20  # the interpreter takes seconds per launch even at ~100 KB
+GPU_REP_MS = 100.0
+INTERPRET_REP_MS = 1.0  # one timed launch: interpreter timings mean nothing anyway
+MEANINGLESS = "TIMINGS ARE MEANINGLESS: Triton interpreter on the CPU; this run only exercises the tuning pipeline"
+
+
+def _label(mapping: dict) -> str:
+    return " ".join(f"{name}={value}" for name, value in mapping.items())
+
+
+def _use_interpreter() -> None:
+    """Route Triton launches through the interpreter; only works before triton is imported."""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise typer.BadParameter("--interpret needs TRITON_INTERPRET=1 set before triton is imported (set it in the environment)")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+class _ProgressReporter:
+    """Candidates done / planned over all buckets, the bucket's best so far, elapsed and ETA."""
+
+    def __init__(self, progress: Progress, kernel: str, total: int) -> None:
+        self.progress = progress
+        self.kernel = kernel
+        self.task = progress.add_task(kernel, total=total, best="-")
+        self._planned = self._done = 0
+
+    def bucket_started(self, job: Job, planned: int) -> None:
+        self._planned, self._done = planned, 0
+        self.progress.update(self.task, description=f"{self.kernel} [dim]{_label(job.key)}[/]", best="-")
+
+    def measured(self, result: Result, best: Result | None) -> None:
+        self._done += 1
+        best_text = "-" if best is None else f"{best.median_ms:.4g} ms ({_label(best.config)})"
+        self.progress.update(self.task, advance=1, best=best_text)
+
+    def bucket_finished(self, bucket: BucketResult) -> None:
+        # strategies may stop early or need one more run for the default: settle the total
+        total = self.progress.tasks[self.task].total or 0
+        self.progress.update(self.task, total=total + self._done - self._planned)
+
+
+def _run_with_progress(console: Console, tuner: Tuner, jobs: list[Job], strategy: str) -> TuneRun:
+    chosen = STRATEGIES[strategy]
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        total = sum(chosen.planned(len(job.candidates)) for job in jobs)
+        return tuner.tune(jobs, chosen, _ProgressReporter(progress, tuner.tunable.name, total))
+
+
+def _results_table(run: TuneRun, tunable: Tunable, gpu_name: str) -> Table:
+    title = f"{run.kernel} on {gpu_name}: {run.strategy}, {run.wall_s:.1f} s"
+    table = Table(title=title, caption=None if run.timing_meaningful else f"[bold red]{MEANINGLESS}[/]")
+    columns = ("bucket", "tuned config", "tuned ms (p20-p80)", "GB/s", "default ms", "speed-up", "tried", "failed", "s")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("bucket", "tuned config") else "right")
+    for b in run.buckets:
+        default_ms = b.default.median_ms
+        if b.best is None:
+            tuned, ms, gb_s, speedup = "[red]no candidate passed[/]", "-", "-", "-"
+        else:
+            tuned = _label(b.best.config)
+            ms = f"{b.best.median_ms:.4g} ({b.best.p20_ms:.4g}-{b.best.p80_ms:.4g})"
+            gb_s = f"{tunable.bytes_moved(b.job.shape) / b.best.median_ms / 1e6:.4g}"
+            speedup = f"{default_ms / b.best.median_ms:.2f}x" if default_ms else "-"
+        table.add_row(
+            _label(b.job.key), tuned, ms, gb_s, "-" if default_ms is None else f"{default_ms:.4g}", speedup,
+            f"{b.tried}/{len(b.job.candidates)}", str(len(b.failures)), f"{b.wall_s:.1f}",
+        )
+    return table
+
+
+def _print_failures(console: Console, run: TuneRun, limit: int = 12) -> None:
+    failures = [(b.job.key, r) for b in run.buckets for r in b.failures]
+    if not failures:
+        return
+    console.print(f"[yellow]{len(failures)} candidate(s) rejected (never eligible to win):[/]")
+    for key, r in failures[:limit]:
+        console.print(f"  {_label(key)} | {_label(r.config)} | {r.error}", soft_wrap=True)
+    if len(failures) > limit:
+        console.print(f"  ... and {len(failures) - limit} more (all listed in the config file)")
+
+
+def _resolve_shapes(tunable: Tunable, spec: str, interpret: bool) -> list[dict]:
+    try:
+        shapes = tunable.shapes(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shapes") from None
+    if not shapes:
+        raise typer.BadParameter(f"no shapes in {spec!r}", param_hint="--shapes")
+    for shape in shapes if interpret else ():
+        if tunable.bytes_moved(shape) > MAX_INTERPRET_BYTES:
+            raise typer.BadParameter(
+                f"--interpret runs tiny shapes only (at most {MAX_INTERPRET_BYTES >> 10} KiB moved); "
+                f"{shape_label(shape)} moves {tunable.bytes_moved(shape) >> 10} KiB. Try --shapes small.",
+                param_hint="--shapes",
+            )
+    return shapes
+
+
+@app.command()
+def tune(
+    kernel: Annotated[str, typer.Argument(help="A registered kernel (see `kwb info`), or 'all'.")],
+    shapes: Annotated[
+        Optional[str],
+        typer.Option(help="minimax | small | custom 'T=4096,H=64,D=128;T=8192,...' (default: minimax; small with --interpret)."),
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="; ".join(f"{name}: {s.summary}" for name, s in STRATEGIES.items()) + ".")
+    ] = "exhaustive",
+    interpret: Annotated[
+        bool, typer.Option("--interpret", help="No GPU: run the pipeline through the Triton interpreter (meaningless timings).")
+    ] = False,
+    out_dir: Annotated[
+        Optional[Path], typer.Option(help="Write configs under this folder instead of $KWB_CONFIG_DIR / kernels/configs.")
+    ] = None,
+    rep_ms: Annotated[
+        Optional[float], typer.Option(help=f"Full timing budget per candidate in ms (default: {GPU_REP_MS:g}; {INTERPRET_REP_MS:g} with --interpret).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random choices of the cheaper strategies.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds a candidate may take before its worker is killed.")] = 300.0,
+    results: Annotated[
+        Optional[Path], typer.Option(help="Also append every timed candidate and each bucket's winner to DIR/<kernel>-tune.jsonl (for the dashboards).")
+    ] = None,
+) -> None:
+    """Tune KERNEL (or all kernels) on this GPU and write the per-GPU config file."""
+    console = Console()
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"{strategy!r} is not one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    if interpret:
+        _use_interpreter()
+    elif not torch.cuda.is_available():
+        console.print(
+            "[bold red]kwb tune needs a CUDA GPU[/] (torch.cuda.is_available() is False). "
+            "To exercise the pipeline without one, add --interpret (tiny shapes, Triton interpreter, meaningless timings)."
+        )
+        raise typer.Exit(code=2)
+
+    from autotune import tunable as registry
+    from autotune.runner import Tuner, plan
+    from autotune.writer import write_configs
+    from kernels._config import device_slug
+
+    kernels = registry.names() if kernel == "all" else [kernel]
+    try:
+        tunables = [registry.get(name) for name in kernels]
+    except KeyError as exc:
+        raise typer.BadParameter(exc.args[0], param_hint="KERNEL") from None
+    spec = shapes or ("small" if interpret else "minimax")
+    planned = [(t, plan(t, _resolve_shapes(t, spec, interpret))) for t in tunables]
+
+    slug = "cpu" if interpret else device_slug()
+    gpu_name = "CPU (Triton interpreter)" if interpret else torch.cuda.get_device_name()
+    write = not interpret or out_dir is not None or "KWB_CONFIG_DIR" in os.environ
+    if interpret:
+        console.rule(f"[bold red]{MEANINGLESS}[/]")
+    incomplete = False
+    for t, jobs in planned:
+        tuner = Tuner(
+            t,
+            device="cpu" if interpret else "cuda",
+            isolate=not interpret,
+            rep_ms=rep_ms if rep_ms is not None else (INTERPRET_REP_MS if interpret else GPU_REP_MS),
+            timeout_s=timeout,
+            seed=seed,
+        )
+        run = _run_with_progress(console, tuner, jobs, strategy)
+        console.print(_results_table(run, t, gpu_name))
+        _print_failures(console, run)
+        incomplete |= any(b.best is None for b in run.buckets)
+        if results is not None:
+            from autotune.records import tune_records
+            from profiling import append_records
+
+            path = results / f"{t.name}-tune.jsonl"
+            console.print(f"appended {append_records(tune_records(t, run), path)} result lines to {path}")
+        entries = run.entries()
+        if not write:
+            console.print("[yellow]not written[/]: --interpret results go only to --out-dir or $KWB_CONFIG_DIR")
+        elif not entries:
+            console.print(f"[red]nothing written for {t.name}: no bucket has a config that passed the reference check[/]")
+        else:
+            written = write_configs(t.name, entries, run.meta(), slug=slug, root=out_dir)
+            if written.replaced.status in ("corrupt", "stale"):
+                console.print(f"[yellow]replaced {written.replaced.status} file[/] ({written.replaced.problem})")
+            console.print(f"wrote {len(entries)} bucket(s) to {written.path} ({written.entries} in the file)")
+    if interpret:
+        console.rule(f"[bold red]{MEANINGLESS}[/]")
+    if incomplete:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def info() -> None:
+    """Show the GPU, versions, and which config file and buckets each kernel would use."""
+    from autotune import tunable as registry
+    from autotune.writer import read_config_file
+    from kernels import _config
+    from profiling import gpu_identity, versions
+
+    console = Console()
+    gpu = gpu_identity()
+    if gpu is None:
+        console.print("GPU: [yellow]no GPU[/] (kernels run through the Triton interpreter, TRITON_INTERPRET=1)")
+    else:
+        console.print(f"GPU: {gpu.name} (driver {gpu.driver}, {gpu.memory_gib:.0f} GiB, {gpu.sm_count} SMs, sm {gpu.compute_capability})")
+    console.print("versions: " + ", ".join(f"{name} {value}" for name, value in versions().items()))
+    source = "$KWB_CONFIG_DIR" if "KWB_CONFIG_DIR" in os.environ else "package default"
+    console.print(f"config root: {_config.config_root()} ({source}); this device's folder: {_config.device_slug()}")
+
+    for name in registry.names():
+        t = registry.get(name)
+        found = read_config_file(_config.config_path(name))
+        style = {"ok": "green", "missing": "yellow"}.get(found.status, "red")
+        console.rule(name)
+        console.print(f"file: {found.path} [{style}]{found.status}[/] {found.problem}", soft_wrap=True)
+        if found.data is not None:
+            meta = found.data.get("meta", {})
+            console.print(
+                "tuned: " + ", ".join(f"{k} {meta.get(k)}" for k in ("date", "gpu", "triton", "strategy", "timing_meaningful"))
+            )
+        entries = Table(title=f"{len(found.entries)} bucket(s) in the file")
+        for column in ("bucket", "config", "median ms", "default ms"):
+            entries.add_column(column)
+        for e in found.entries:
+            entries.add_row(_label(e["key"]), _label(e["config"]), str(e.get("median_ms", "-")), str(e.get("default_ms", "-")))
+        console.print(entries)
+        used = Table(title="config used at run time, per shape of each shape set")
+        for column in ("set", "shape", "bucket", "config"):
+            used.add_column(column)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the file's status is reported above
+            for set_name, set_shapes in t.shape_sets.items():
+                for shape in set_shapes:
+                    key = t.bucket(shape)
+                    config = _config.lookup(name, key, default=t.default_config(shape), near=t.near)
+                    used.add_row(set_name, shape_label(shape), _label(key), _label(config))
+        console.print(used)

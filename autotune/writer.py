@@ -1,0 +1,128 @@
+"""Writing tuned configs: ``<root>/<gpu-slug>/<kernel>.json``, named by ``kernels._config``.
+
+A write merges into what the file already holds: under an exclusive ``flock`` on a sidecar
+``<kernel>.json.lock``, it reads the file, merges entries by bucket key (for a bucket in
+both, the entry tuned later wins), writes a temp file in the same folder and renames it over
+the old one. Readers see the old file or the new one, never half of one, and two tuners
+writing different buckets both keep theirs. A corrupt file, or one written under another
+triton major.minor (stale: the runtime ignores it), is replaced rather than merged.
+
+``meta`` describes the run that wrote the file last; every entry carries its own date,
+strategy, candidate count and tuning time. After a write the runtime's lookup cache is
+cleared so this process sees the new file.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import triton
+
+from autotune.result import config_key
+from kernels._config import clear_cache, config_path, config_root, triton_minor
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A config file as found on disk: ``status`` is ok, missing, corrupt or stale."""
+
+    path: Path
+    status: str
+    data: dict | None = None  # the parsed file when ok or stale
+    problem: str = ""  # why it is corrupt or stale
+
+    @property
+    def entries(self) -> list[dict]:
+        return list(self.data["entries"]) if self.data else []
+
+
+def read_config_file(path: Path) -> ConfigFile:
+    """Parse and classify ``path`` the way ``kernels._config`` decides to use or skip it."""
+    if not path.is_file():
+        return ConfigFile(path, "missing")
+    try:
+        data = json.loads(path.read_text())
+        written_with = str(data["meta"]["triton"])
+        for entry in data["entries"]:
+            if not (isinstance(entry["key"], dict) and isinstance(entry["config"], dict)):
+                raise TypeError("an entry's key and config must be objects")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return ConfigFile(path, "corrupt", problem=f"{type(exc).__name__}: {exc}")
+    if triton_minor(written_with) != triton_minor(triton.__version__):
+        return ConfigFile(path, "stale", data, f"tuned with triton {written_with}, running {triton.__version__}")
+    return ConfigFile(path, "ok", data)
+
+
+def target_path(kernel: str, slug: str | None = None, root: Path | None = None) -> Path:
+    """Where ``kernel``'s configs go: :func:`config_path`, re-rooted under ``root`` if given."""
+    path = config_path(kernel, slug)
+    return path if root is None else Path(root) / path.relative_to(config_root())
+
+
+def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
+    """Union by bucket key; where both have a bucket, the later ``date`` wins (ties: ``new``)."""
+    merged = {config_key(e["key"]): e for e in old}
+    for entry in new:
+        key = config_key(entry["key"])
+        if key not in merged or str(merged[key].get("date", "")) <= str(entry.get("date", "")):
+            merged[key] = entry
+    return [merged[key] for key in sorted(merged)]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file beside ``path``, fsync it, rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class Written:
+    path: Path
+    entries: int  # entries in the file after the merge
+    replaced: ConfigFile  # the file found before the write (missing, ok, corrupt or stale)
+
+
+def write_configs(
+    kernel: str, entries: list[dict], meta: dict, *, slug: str | None = None, root: Path | None = None
+) -> Written:
+    """Merge ``entries`` into ``kernel``'s config file for ``slug`` (this GPU by default)."""
+    path = target_path(kernel, slug, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        before = read_config_file(path)
+        merged = merge_entries(before.entries if before.status == "ok" else [], entries)
+        _write_atomic(path, {"kernel": kernel, "meta": meta, "entries": merged})
+    clear_cache()
+    return Written(path, len(merged), before)
