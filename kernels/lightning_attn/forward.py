@@ -38,39 +38,6 @@ def default_config(D: int, E: int) -> dict:
 CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
 
 
-@triton.jit
-def _chunk_step(
-    p_q, p_kt, p_v, p_o, b_s, m_t, m_intra, d_q, d_k, decay_n, scale,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One chunk: write its outputs and return the state carried past it.
-
-    ``d_q[i] = lambda^(i+1)``, ``d_k[j] = lambda^(n-1-j)`` (0 past the n valid rows),
-    ``decay_n = lambda^n``; ``m_t`` masks valid rows when ``MASKED`` (the last, partial chunk).
-    """
-    if MASKED:
-        b_q = tl.load(p_q, mask=m_t[:, None], other=0.0)  # [BT, D]
-        b_kt = tl.load(p_kt, mask=m_t[None, :], other=0.0)  # [D, BT]
-        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
-    else:
-        b_q = tl.load(p_q)
-        b_kt = tl.load(p_kt)
-        b_v = tl.load(p_v)
-    # inter-chunk: the state carried in, decayed to each row (lambda^(i+1) folded into q)
-    b_o = tl.dot((b_q * d_q[:, None]).to(b_q.dtype), b_s.to(b_q.dtype), input_precision=DOT_PRECISION)  # [BT, BV]
-    # intra-chunk: causal q k^T with decay lambda^(i-j), applied to v, same accumulator
-    b_a = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
-    b_o = tl.dot(b_a.to(b_v.dtype), b_v, acc=b_o, input_precision=DOT_PRECISION)
-    b_o = (b_o * scale).to(p_o.dtype.element_ty)
-    if MASKED:
-        tl.store(p_o, b_o, mask=m_t[:, None])
-    else:
-        tl.store(p_o, b_o)
-    # carry the state past this chunk: S = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
-    # (the decay goes on v's BT x BV rows, fewer than k's D x BT)
-    return tl.dot(b_kt, (b_v * d_k[:, None]).to(b_v.dtype), acc=b_s * decay_n, input_precision=DOT_PRECISION)
-
-
 @triton.jit(do_not_specialize=["T"])
 def _lightning_fwd_kernel(
     q, k, v, o, slopes, h0, ht, cu_seqlens,
@@ -124,22 +91,29 @@ def _lightning_fwd_kernel(
     p_v = v_base + o_i[:, None] * stride_vt + o_e[None, :]  # [BT, BV]
     p_o = o_base + o_i[:, None] * stride_ot + o_e[None, :]  # [BT, BV]
 
-    # full chunks: fixed decays, no masks
-    d_k = tl.exp2(-s * (BT - 1 - o_i).to(tl.float32))  # [BT]
-    decay_bt = tl.exp2(-s * BT)
-    for _ in range(0, L // BT):
-        b_s = _chunk_step(p_q, p_kt, p_v, p_o, b_s, o_i < BT, m_intra, d_q, d_k, decay_bt, scale,
-                          MASKED=False, DOT_PRECISION=DOT_PRECISION)
+    for i_t in range(0, tl.cdiv(L, BT)):
+        m_t = i_t * BT + o_i < L
+        b_q = tl.load(p_q, mask=m_t[:, None], other=0.0)  # [BT, D]
+        b_kt = tl.load(p_kt, mask=m_t[None, :], other=0.0)  # [D, BT]
+        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
+        n = tl.minimum(L - i_t * BT, BT).to(tl.float32)
+
+        # inter-chunk: the state carried in, decayed to each row (lambda^(i+1) folded into q)
+        b_o = tl.dot((b_q * d_q[:, None]).to(b_q.dtype), b_s.to(b_q.dtype), input_precision=DOT_PRECISION)  # [BT, BV]
+        # intra-chunk: causal q k^T with decay lambda^(i-j), applied to v, same accumulator
+        b_a = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
+        b_o = tl.dot(b_a.to(b_v.dtype), b_v, acc=b_o, input_precision=DOT_PRECISION)
+        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None])
+
+        # carry the state past this chunk: S = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
+        # (the decay goes on v's BT x BV rows, fewer than k's D x BT)
+        d_k = tl.where(o_i < n, tl.exp2(-s * tl.maximum(n - 1 - o_i, 0)), 0.0)  # [BT]
+        b_s = tl.dot(b_kt, (b_v * d_k[:, None]).to(b_v.dtype), acc=b_s * tl.exp2(-s * n),
+                     input_precision=DOT_PRECISION)
         p_q += BT * stride_qt
         p_kt += BT * stride_kt
         p_v += BT * stride_vt
         p_o += BT * stride_ot
-    # the last, partial chunk of n < BT rows
-    n = L % BT
-    if n > 0:
-        d_k = tl.where(o_i < n, tl.exp2(-s * tl.maximum(n - 1 - o_i, 0).to(tl.float32)), 0.0)
-        b_s = _chunk_step(p_q, p_kt, p_v, p_o, b_s, o_i < n, m_intra, d_q, d_k, tl.exp2(-s * n.to(tl.float32)),
-                          scale, MASKED=True, DOT_PRECISION=DOT_PRECISION)
 
     if OUTPUT_FINAL_STATE:
         tl.store(ht + p_state, b_s)

@@ -166,3 +166,8 @@ def test_chunked_reference_matches_token_loop():
     got_o, got_s = lightning_attn_chunked_ref(q, k, v, s, scale=0.7, initial_state=h0, chunk=16)
     assert_close("o", got_o, want_o, 1e-12)
     assert_close("state", got_s, want_s, 1e-12)
+
+
+def test_outputs_are_poisoned_in_tests():
+    # the conftest fixture that makes unwritten kernel outputs fail must be active here
+    assert torch.empty(4).isnan().all()
