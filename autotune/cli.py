@@ -248,7 +248,6 @@ def tune(
 def info() -> None:
     """Show the GPU, versions, and which config file and buckets each kernel would use."""
     from autotune import tunable as registry
-    from autotune.writer import read_config_file
     from kernels import _config
     from profiling import gpu_identity, versions
 
@@ -264,7 +263,7 @@ def info() -> None:
 
     for name in registry.names():
         t = registry.get(name)
-        found = read_config_file(_config.config_path(name))
+        found = _config.read_config_file(_config.config_path(name))
         style = {"ok": "green", "missing": "yellow"}.get(found.status, "red")
         console.rule(name)
         console.print(f"file: {found.path} [{style}]{found.status}[/] {found.problem}", soft_wrap=True)
@@ -290,3 +289,51 @@ def info() -> None:
                     config = _config.lookup(name, key, default=t.default_config(shape), near=t.near)
                     used.add_row(set_name, shape_label(shape), _label(key), _label(config))
         console.print(used)
+
+
+@app.command()
+def check() -> None:
+    """Check every kernel against its reference on fresh random inputs and print a table.
+
+    Without a GPU the kernels run through the Triton interpreter on small shapes.
+    """
+    if not torch.cuda.is_available():
+        _use_interpreter()
+    from autotune.check import mode, run_checks
+
+    console = Console()
+    console.print(f"checking kernels: {mode()}")
+    results = run_checks()
+    table = Table(title="kernels vs references (relative Frobenius error of outputs and final state)")
+    for column in ("kernel", "case", "dtype", "rel. error", "tolerance", "s", "result"):
+        table.add_column(column)
+    for r in results:
+        verdict = "[green]ok[/]" if r.ok else "[bold red]FAIL[/]"
+        table.add_row(r.kernel, r.case, r.dtype, f"{r.rel_err:.2e}", f"{r.tol:.0e}", f"{r.seconds:.1f}", verdict)
+    console.print(table)
+    failed = [r for r in results if not r.ok]
+    console.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def bench(
+    results: Annotated[Path, typer.Option(help="Folder the results lines are appended to.")] = Path("results"),
+    select: Annotated[Optional[str], typer.Option("-k", help="pytest -k expression, e.g. 'ours and T16384'.")] = None,
+) -> None:
+    """Run the benchmark suite (tests/benchmarks, pytest-benchmark) on this GPU; append results lines."""
+    import subprocess
+
+    if not torch.cuda.is_available():
+        Console().print("[bold red]kwb bench needs a CUDA GPU[/]; `kwb check` works without one.")
+        raise typer.Exit(code=2)
+    suite = Path(__file__).resolve().parent.parent / "tests" / "benchmarks"
+    if not suite.is_dir():
+        Console().print(f"[bold red]no benchmark suite at {suite}[/]: run kwb bench from a checkout of the repository")
+        raise typer.Exit(code=2)
+    command = [sys.executable, "-m", "pytest", str(suite), "--benchmark-enable", "-q", "-p", "no:cacheprovider"]
+    if select:
+        command += ["-k", select]
+    env = {**os.environ, "KWB_RESULTS_DIR": str(results)}
+    raise typer.Exit(code=subprocess.call(command, env=env, cwd=suite.parent.parent))

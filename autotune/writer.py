@@ -22,41 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import triton
-
 from autotune.result import config_key
-from kernels._config import clear_cache, config_path, config_root, triton_minor
-
-
-@dataclass(frozen=True)
-class ConfigFile:
-    """A config file as found on disk: ``status`` is ok, missing, corrupt or stale."""
-
-    path: Path
-    status: str
-    data: dict | None = None  # the parsed file when ok or stale
-    problem: str = ""  # why it is corrupt or stale
-
-    @property
-    def entries(self) -> list[dict]:
-        return list(self.data["entries"]) if self.data else []
-
-
-def read_config_file(path: Path) -> ConfigFile:
-    """Parse and classify ``path`` the way ``kernels._config`` decides to use or skip it."""
-    if not path.is_file():
-        return ConfigFile(path, "missing")
-    try:
-        data = json.loads(path.read_text())
-        written_with = str(data["meta"]["triton"])
-        for entry in data["entries"]:
-            if not (isinstance(entry["key"], dict) and isinstance(entry["config"], dict)):
-                raise TypeError("an entry's key and config must be objects")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return ConfigFile(path, "corrupt", problem=f"{type(exc).__name__}: {exc}")
-    if triton_minor(written_with) != triton_minor(triton.__version__):
-        return ConfigFile(path, "stale", data, f"tuned with triton {written_with}, running {triton.__version__}")
-    return ConfigFile(path, "ok", data)
+from kernels._config import ConfigFile, clear_cache, config_path, config_root, read_config_file
 
 
 def target_path(kernel: str, slug: str | None = None, root: Path | None = None) -> Path:

@@ -23,12 +23,14 @@ import functools
 import json
 import math
 import os
-import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import triton
+
+from profiling.gpu import slugify
 
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -37,11 +39,6 @@ def config_root() -> Path:
     """Where configs are read from and written to (``$KWB_CONFIG_DIR`` overrides)."""
     override = os.environ.get("KWB_CONFIG_DIR")
     return Path(override) if override else PACKAGE_CONFIG_DIR
-
-
-def slugify(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,29 +74,52 @@ def _freeze(key: Mapping[str, Any]) -> tuple:
     return tuple(sorted(key.items()))
 
 
+@dataclass(frozen=True)
+class ConfigFile:
+    """A config file as found on disk: ``status`` is ok, missing, corrupt or stale."""
+
+    path: Path
+    status: str
+    data: dict | None = None  # the parsed file when ok or stale
+    problem: str = ""  # why it is corrupt or stale
+
+    @property
+    def entries(self) -> list[dict]:
+        return list(self.data["entries"]) if self.data else []
+
+
+def read_config_file(path: Path) -> ConfigFile:
+    """Parse and classify ``path``: only an ``ok`` file is used at run time."""
+    if not path.is_file():
+        return ConfigFile(path, "missing")
+    try:
+        data = json.loads(path.read_text())
+        written_with = str(data["meta"]["triton"])
+        for entry in data["entries"]:
+            if not (isinstance(entry["key"], dict) and isinstance(entry["config"], dict)):
+                raise TypeError("an entry's key and config must be objects")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return ConfigFile(path, "corrupt", problem=f"{type(exc).__name__}: {exc}")
+    if triton_minor(written_with) != triton_minor(triton.__version__):
+        return ConfigFile(path, "stale", data, f"tuned with triton {written_with}, running {triton.__version__}")
+    return ConfigFile(path, "ok", data)
+
+
 @functools.lru_cache(maxsize=None)
 def _load_entries(path: str) -> tuple[tuple[dict, dict], ...]:
     """Valid (key, config) pairs of one file; () with a warning if it is missing/corrupt/stale."""
-    p = Path(path)
-    if not p.is_file():
-        if p.parent.name == "cpu":  # the interpreter: launch configs mean nothing there
-            return ()
-        _warn_once(f"kwb: no tuned config file {p}; using defaults (run `kwb tune` on this GPU)")
+    found = read_config_file(Path(path))
+    if found.status == "missing":
+        if found.path.parent.name != "cpu":  # the interpreter: launch configs mean nothing there
+            _warn_once(f"kwb: no tuned config file {path}; using defaults (run `kwb tune` on this GPU)")
         return ()
-    try:
-        data = json.loads(p.read_text())
-        written_with = data["meta"]["triton"]
-        entries = [(dict(e["key"]), dict(e["config"])) for e in data["entries"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        _warn_once(f"kwb: ignoring corrupt config file {p} ({type(exc).__name__}: {exc}); using defaults")
+    if found.status == "corrupt":
+        _warn_once(f"kwb: ignoring corrupt config file {path} ({found.problem}); using defaults")
         return ()
-    if triton_minor(str(written_with)) != triton_minor(triton.__version__):
-        _warn_once(
-            f"kwb: ignoring stale config file {p}: tuned with triton {written_with}, "
-            f"running triton {triton.__version__}; using defaults (re-run `kwb tune`)"
-        )
+    if found.status == "stale":
+        _warn_once(f"kwb: ignoring stale config file {path}: {found.problem}; using defaults (re-run `kwb tune`)")
         return ()
-    return tuple(entries)
+    return tuple((dict(e["key"]), dict(e["config"])) for e in found.entries)
 
 
 def _log2_distance(a: Any, b: Any) -> float:
@@ -139,13 +159,19 @@ def lookup(
     slug: str | None = None,
 ) -> dict:
     """Launch config of ``kernel`` for the shape bucket ``key`` on this GPU (see module doc)."""
-    path = str(config_path(kernel, slug))
+    path = _path_str(os.environ.get("KWB_CONFIG_DIR"), kernel, slug or device_slug())
     return dict(_lookup(path, _freeze(key), _freeze(default), tuple(near)))
+
+
+@functools.lru_cache(maxsize=None)
+def _path_str(root_override: str | None, kernel: str, slug: str) -> str:
+    return str(config_path(kernel, slug))
 
 
 def clear_cache() -> None:
     """Forget cached files and answers (after a tuner wrote a file, or in tests)."""
     _load_entries.cache_clear()
     _lookup.cache_clear()
+    _path_str.cache_clear()
     device_slug.cache_clear()
     _warned.clear()

@@ -299,7 +299,7 @@ def test_write_then_lookup(config_dir):
     written = writer.write_configs("k", [entry(1024, {"BT": 32}), entry(4096, {"BT": 64})], meta(), slug="gpu")
     assert written.path == config_dir / "gpu" / "k.json" and written.entries == 2
     assert written.replaced.status == "missing"
-    assert writer.read_config_file(written.path).status == "ok"
+    assert _config.read_config_file(written.path).status == "ok"
     key = {"D": 128, "E": 128, "dtype": "bfloat16", "T": 2048}
     assert _config.lookup("k", key, default={}, near=("T",), slug="gpu") == {"BT": 32}
     # --out-dir: same naming, another root
@@ -311,7 +311,7 @@ def test_merge_keeps_other_buckets_and_the_newest_entry(config_dir):
     writer.write_configs("k", [entry(1024, {"BT": 32}), entry(2048, {"BT": 32})], meta(), slug="gpu")
     writer.write_configs("k", [entry(2048, {"BT": 128}, date="2026-02-01T00:00:00+00:00")], meta(), slug="gpu")
     writer.write_configs("k", [entry(2048, {"BT": 16}, date="2025-12-01T00:00:00+00:00")], meta(), slug="gpu")  # older
-    found = writer.read_config_file(config_dir / "gpu" / "k.json")
+    found = _config.read_config_file(config_dir / "gpu" / "k.json")
     assert {e["key"]["T"]: e["config"]["BT"] for e in found.entries} == {1024: 32, 2048: 128}
 
 
@@ -338,7 +338,7 @@ def test_corrupt_or_stale_file_is_replaced(config_dir, status):
         {"meta": {"triton": "2.0.0"}, "entries": [entry(1024, {"BT": 32})]}))
     written = writer.write_configs("k", [entry(4096, {"BT": 64})], meta(), slug="gpu")
     assert written.replaced.status == status and written.entries == 1
-    assert [e["key"]["T"] for e in writer.read_config_file(path).entries] == [4096]
+    assert [e["key"]["T"] for e in _config.read_config_file(path).entries] == [4096]
 
 
 def write_many(root: str, first_T: int, count: int, barrier) -> None:
