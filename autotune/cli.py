@@ -337,3 +337,35 @@ def bench(
         command += ["-k", select]
     env = {**os.environ, "KWB_RESULTS_DIR": str(results)}
     raise typer.Exit(code=subprocess.call(command, env=env, cwd=suite.parent.parent))
+
+
+@app.command()
+def dashboard(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    results: Annotated[
+        Optional[Path], typer.Option(help="Results folder or .jsonl file (default: the repository's committed results/).")
+    ] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Only results of this GPU slug, e.g. nvidia-h100-80gb-hbm3.")] = None,
+    configs: Annotated[
+        Optional[Path], typer.Option(help="Config root whose <gpu>/<kernel>.json winners the heatmaps mark (default: kernels/configs).")
+    ] = None,
+) -> None:
+    """Write the interactive performance dashboard: one self-contained HTML file (works offline)."""
+    from dashboards.data import load_results
+    from dashboards.report import write_report
+
+    console = Console()
+    source = results if results is not None else Path(__file__).resolve().parent.parent / "results"
+    if not source.exists():
+        console.print(f"[bold red]no results at {source}[/]: pass --results DIR (a folder of .jsonl files or one file)")
+        raise typer.Exit(code=2)
+    found = load_results(source, gpu=gpu)
+    path = write_report(found, output, configs_root=configs)
+    for problem in found.problems:
+        console.print(f"[yellow]skipped[/] {problem}", soft_wrap=True)
+    if not found.records:
+        console.print(f"[yellow]No results found in {source}{f' for GPU {gpu}' if gpu else ''}[/]; wrote a page that says so: {path}")
+        return
+    gpus = sorted({r.gpu.get("slug") or "no-gpu" for r in found.records})
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) from {len(found.records)} records "
+                  f"in {len(found.files)} file(s), GPU(s): {', '.join(gpus)}")
