@@ -1,5 +1,5 @@
-# Two commands: `make run` (check every kernel; benchmark too when a GPU is present) and
-# `make test`. Both install into .venv first. On a machine without a GPU and without torch,
+# Two commands: `make run` (check every kernel; benchmark too when a GPU is present; build the
+# dashboard from results/) and `make test`. Both install into .venv first. On a machine without a GPU and without torch,
 # the CPU build of torch is installed; a machine that has torch (e.g. a CUDA build) keeps it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,6 +20,7 @@ run: install
 	else \
 		echo "No GPU: kernels were checked through the Triton interpreter; benchmarks need a GPU."; \
 	fi
+	$(VENV)/bin/kwb dashboard -o report.html
 
 test: install
 	$(PY) -m pytest tests -q
