@@ -103,3 +103,24 @@ def lightning_attn_chunked_ref(
         state = torch.exp(-rate * n)[..., None] * state + k_decayed.transpose(-1, -2) @ vc
     o = torch.cat(out, dim=2) if out else q.new_zeros(B, H, 0, E)
     return o.transpose(1, 2), state
+
+
+def lightning_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence: the token loop of :func:`lightning_attn_ref` with T = 1.
+
+    Args:
+        q, k: ``[B, H, D]``; v: ``[B, H, E]``; state ``[B, H, D, E]`` (not modified).
+
+    Returns:
+        ``o [B, H, E]`` and the new state ``[B, H, D, E]``, both float64.
+    """
+    o, new_state = lightning_attn_ref(q[:, None], k[:, None], v[:, None], slopes, scale=scale, initial_state=state)
+    return o[:, 0], new_state

@@ -1,8 +1,10 @@
-"""Public lightning attention API: input checks, then the kernels."""
+"""Public lightning attention API: input checks, then the kernels (forward.py, backward.py)."""
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from kernels.lightning_attn.backward import lightning_attn_bwd
 from kernels.lightning_attn.forward import lightning_attn_fwd
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,13 +64,26 @@ def _check_inputs(q, k, v, slopes, initial_state, cu_seqlens) -> None:
 
 
 class LightningAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
-        return lightning_attn_fwd(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+    """Saves only the inputs (q, k, v, slopes, initial_state, cu_seqlens): the backward
+    recomputes the states chunk by chunk instead of keeping O(T * D * E) per head."""
 
     @staticmethod
+    def forward(ctx, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
+        o, final_state = lightning_attn_fwd(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)  # an unused o or final state arrives as None, not zeros
+        return o, final_state
+
+    @staticmethod
+    @once_differentiable
     def backward(ctx, do, dht):
-        raise NotImplementedError("lightning_attn has no backward kernel yet (issue 4); call it under torch.no_grad()")
+        q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv, dh0 = lightning_attn_bwd(
+            q, k, v, slopes, ctx.scale, initial_state, cu_seqlens, do, dht, needs=(need[0], need[1], need[2], need[5])
+        )
+        return dq, dk, dv, None, None, dh0, None, None
 
 
 def lightning_attn(
@@ -98,6 +113,10 @@ def lightning_attn(
     Returns:
         ``o [B, T, H, E]`` in the input dtype (fp32 accumulation), and the final state
         ``[N, H, D, E]`` float32, or None.
+
+    Differentiable in q, k, v and initial_state (not slopes), including through the final
+    state. The backward keeps nothing but the inputs from the forward and recomputes the
+    states (see ``backward.py``).
     """
     _check_inputs(q, k, v, slopes, initial_state, cu_seqlens)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

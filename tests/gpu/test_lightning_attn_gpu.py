@@ -70,3 +70,159 @@ def test_every_valid_config_is_correct(BT, BV, num_warps):
                 continue
             raise
         assert_close(f"o {cfg}", o, ro, TOLERANCE[torch.bfloat16])
+
+
+# ---- backward (issue 4) --------------------------------------------------------------------
+
+def _ref_grads(q, k, v, s, *, scale, h0, do, dht):
+    """float64 autograd through the chunked reference of <o, do> + <final_state, dht>."""
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)] + ([h0.detach().double().requires_grad_()] if h0 is not None else [])
+    ro, rh = lightning_attn_chunked_ref(*ref[:3], s, scale=scale, initial_state=ref[3] if h0 is not None else None)
+    loss = (ro * do.double()).sum() + ((rh * dht.double()).sum() if dht is not None else 0.0)
+    return torch.autograd.grad(loss, ref)
+
+
+def _grads_vs_chunked_ref(q, k, v, s, *, scale=1.0, h0=None, with_dht=True):
+    """Pairs (name, ours, float64 reference) for dq, dk, dv (and dh0), through lightning_attn's autograd."""
+    B, T, H, D = q.shape
+    do = torch.randn_like(v)
+    dht = torch.randn(B, H, D, v.shape[-1], device="cuda") if with_dht else None
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)] + ([h0.detach().clone().requires_grad_()] if h0 is not None else [])
+    o, ht = lightning_attn(*leaves[:3], s, scale=scale, initial_state=leaves[3] if h0 is not None else None,
+                           output_final_state=with_dht)
+    loss = (o.float() * do.float()).sum() + ((ht * dht).sum() if with_dht else 0.0)
+    got = torch.autograd.grad(loss, leaves)
+    return list(zip(("dq", "dk", "dv", "dh0"), got, _ref_grads(q, k, v, s, scale=scale, h0=h0, do=do, dht=dht)))
+
+
+@pytest.mark.parametrize(
+    "B,T,H,D,E,layer",
+    [(1, 65536, 4, 128, 128, 3), (1, 16384, 16, 128, 128, 0), (2, 4133, 16, 64, 64, 7), (3, 1000, 4, 256, 256, 1),
+     (1, 1, 4, 128, 128, 0)],
+    ids=lambda x: str(x),
+)
+def test_backward_bf16_large_matches_reference(B, T, H, D, E, layer):
+    q, k, v = _inputs(B, T, H, D, E, torch.bfloat16)
+    h0 = torch.randn(B, H, D, E, device="cuda")
+    for name, g, w in _grads_vs_chunked_ref(q, k, v, minimax_slopes(H, layer, 8).cuda(), scale=D**-0.5, h0=h0):
+        assert_close(name, g, w, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_other_dtypes(dtype):
+    q, k, v = _inputs(2, 3000, 8, 64, 128, dtype)
+    h0 = torch.randn(2, 8, 64, 128, device="cuda")
+    for name, g, w in _grads_vs_chunked_ref(q, k, v, minimax_slopes(8, 2, 8).cuda(), scale=0.5, h0=h0):
+        assert_close(name, g, w, TOLERANCE[dtype])
+
+
+def test_backward_varlen_on_gpu():
+    lengths = [0, 1, 300, 0, 513, 64]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v = (x.requires_grad_() for x in _inputs(1, sum(lengths), 2, 64, 64, torch.float32))
+    s = minimax_slopes(2, 0, 8).cuda()
+    h0 = torch.randn(len(lengths), 2, 64, 64, device="cuda", requires_grad=True)
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    o, ht = lightning_attn(q, k, v, s, scale=0.7, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    got = torch.autograd.grad((o * do).sum() + (ht * dht).sum(), [q, k, v, h0])
+    ref = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, h0)]
+    ro, rh = lightning_attn_ref(*ref[:3], s.cpu(), scale=0.7, initial_state=ref[3], cu_seqlens=cu.cpu())
+    want = torch.autograd.grad((ro * do.cpu().double()).sum() + (rh * dht.cpu().double()).sum(), ref)
+    for name, g, w in zip(("dq", "dk", "dv", "dh0"), got, want):
+        assert_close(name, g.cpu(), w, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("BT", [32, 64, 128])
+@pytest.mark.parametrize("BV", [16, 32, 64, 128])
+@pytest.mark.parametrize("num_warps", [4, 8])
+def test_every_valid_backward_config_is_correct(BT, BV, num_warps):
+    """Any config the tuner may pick (num_stages >= 2) computes the gradients."""
+    from kernels.lightning_attn.backward import lightning_attn_bwd
+
+    q, k, v = _inputs(1, 2500, 8, 128, 128, torch.bfloat16)
+    h0 = torch.randn(1, 8, 128, 128, device="cuda")
+    s = minimax_slopes(8, 1, 8).cuda()
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    want = _ref_grads(q, k, v, s, scale=1.0, h0=h0, do=do, dht=dht)
+    for stages in (2, 3):
+        cfg = dict(BT=BT, BV=BV, num_warps=num_warps, num_stages=stages)
+        try:
+            got = lightning_attn_bwd(q, k, v, s, 1.0, h0, None, do, dht, config=cfg)
+        except Exception as exc:  # out of shared memory is a compile-time refusal, not a wrong answer
+            if "OutOfResources" in type(exc).__name__:
+                continue
+            raise
+        for name, g, w in zip(("dq", "dk", "dv", "dh0"), got, want):
+            assert_close(f"{name} {cfg}", g, w, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("B,T", [(1, 16384), (8, 4096)], ids=["B1-T16K", "B8-T4K"])
+def test_forward_backward_memory_at_most_5x_q(B, T):
+    """Issue 4's memory target: forward + backward allocate at most 5x the size of q on top of
+    q, k, v, do (fla: 12x). Ours: o, dq, dk, dv and [N, H, D, E] states."""
+    H, D = 64, 128
+    q, k, v = (x.requires_grad_() for x in _inputs(B, T, H, D, D, torch.bfloat16))
+    do = torch.randn_like(v)
+    s = minimax_slopes(H, 0, 8).cuda()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    o, _ = lightning_attn(q, k, v, s)
+    o.backward(do)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 5 * q.nbytes, f"forward+backward allocated {extra / q.nbytes:.2f}x the size of q"
+
+
+# ---- decode (issue 4) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("B", [1, 16, 256])
+def test_decode_matches_reference(B):
+    from kernels.lightning_attn import lightning_decode
+    from reference.lightning_attn import lightning_decode_ref
+
+    H, D, E = 64, 128, 128
+    q, k = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, H, E, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(B, H, D, E, device="cuda")
+    s = minimax_slopes(H, 0, 8).cuda()
+    want_o, want_state = lightning_decode_ref(q, k, v, s, state.clone(), scale=D**-0.5)
+    o, new_state = lightning_decode(q, k, v, s, state, scale=D**-0.5)
+    assert new_state is state
+    assert_close("state", state, want_state, TOLERANCE[torch.float32])
+    assert_close("o", o, want_o, TOLERANCE[torch.bfloat16])
+
+
+def test_prefill_then_decode_on_gpu():
+    from kernels.lightning_attn import lightning_decode
+
+    B, T, T0, H, D = 2, 4104, 4096, 16, 128
+    q, k, v = _inputs(B, T, H, D, D, torch.bfloat16)
+    s = minimax_slopes(H, 1, 8).cuda()
+    want_o, want_state = lightning_attn(q, k, v, s, output_final_state=True)
+    _, state = lightning_attn(q[:, :T0], k[:, :T0], v[:, :T0], s, output_final_state=True)
+    steps = torch.stack([lightning_decode(q[:, t], k[:, t], v[:, t], s, state)[0] for t in range(T0, T)], dim=1)
+    assert_close("o", steps, want_o[:, T0:].float(), TOLERANCE[torch.bfloat16])
+    assert_close("state", state, want_state, TOLERANCE[torch.bfloat16])
+
+
+def test_decode_step_captures_in_a_cuda_graph():
+    """No host sync and no allocation outside the graph pool: the step captures and replays."""
+    from kernels.lightning_attn import lightning_decode
+
+    B, H, D = 16, 64, 128
+    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    s = minimax_slopes(H, 0, 8).cuda()
+    state = torch.randn(B, H, D, D, device="cuda")
+    eager_state = state.clone()
+    lightning_decode(q, k, v, s, state.clone())  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, _ = lightning_decode(q, k, v, s, state)
+    state.copy_(eager_state)
+    for _ in range(3):
+        graph.replay()
+        want, _ = lightning_decode(q, k, v, s, eager_state)
+    torch.cuda.synchronize()
+    assert torch.equal(state, eager_state)
+    assert torch.equal(o, want)
