@@ -306,7 +306,7 @@ def check() -> None:
     results = run_checks()
     table = Table(title="kernels vs references (relative Frobenius error of outputs and final state)")
     for column in ("kernel", "case", "dtype", "rel. error", "tolerance", "s", "result"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "case")
     for r in results:
         verdict = "[green]ok[/]" if r.ok else "[bold red]FAIL[/]"
         table.add_row(r.kernel, r.case, r.dtype, f"{r.rel_err:.2e}", f"{r.tol:.0e}", f"{r.seconds:.1f}", verdict)
