@@ -24,7 +24,7 @@ from typing import Any, Callable
 Shape = dict[str, Any]
 Config = dict[str, Any]
 
-BUILTIN_MODULES = ("autotune.lightning",)
+BUILTIN_MODULES = ("autotune.lightning", "autotune.moe")
 
 
 @dataclass(frozen=True)

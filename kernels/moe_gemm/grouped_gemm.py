@@ -1,0 +1,400 @@
+"""Grouped GEMM kernels: one launch multiplies every expert's rows by that expert's weights.
+
+Rows are grouped by expert: group e owns rows ``[offsets[e-1], offsets[e])`` of A (``offsets``
+int32 ``[E]`` of group ends, ``offsets[-1] == M``; groups may be empty).
+
+Forward / dX kernel (:func:`_grouped_gemm_kernel`), ``C[rows of e] = A[rows of e] @ B[e]``
+with ``B[e]`` a ``[K, N]`` view given by strides: ``w[e]`` for the forward, ``w[e]^T`` (the
+strides of w's last two dims swapped) for dX = dY @ W^T. No copy, no transposed kernel.
+
+- Tile schedule. The M tiles of all experts are numbered one after the other: expert e has
+  ``cdiv(count_e, BLOCK_M)`` of them. Each program reads the E group ends (E int32 loads),
+  forms the per-expert tile counts and their cumulative sum in registers, and finds its
+  expert as the number of experts whose tiles end at or before its tile index: the
+  tile -> expert map costs no extra launch and no host sync. The grid is
+  ``cdiv(M, BLOCK_M) + E - 1`` virtual M tiles (a bound on the true count, since splitting
+  M rows into E groups adds at most E - 1 partial tiles; capped at M) times the N tiles,
+  in GROUP_M-swizzled order (the matmul tutorial's L2 grouping, over virtual M tiles); a
+  program past the true count finds "expert E" and returns at once. A tile never straddles
+  two experts, so it reads one expert's weights.
+- Fused gather (``HAS_GATHER``): row p of A is ``a[a_rows[p]]``, so moe_ffn's first GEMM
+  reads the tokens of x in expert order without materialising ``x[row_to_token]``.
+- Epilogues (``EPILOGUE``, a constexpr string):
+  ``"none"``: store the fp32 accumulator in C's dtype.
+  ``"swiglu"``: the program keeps two accumulators, ``gate = A @ B[:, n]`` and
+  ``up = A @ B[:, F + n]`` (B is ``[K, 2F]``, gate columns then up columns; the kernel's
+  N is F) and stores ``silu(gate) * up``; with ``STORE_PREACT`` also gate and up (in C's
+  dtype, ``aux [M, 2F]``) for the backward.
+  ``"swiglu_bwd"``: the accumulator is dh = dY @ W_down^T; the epilogue loads gate and up
+  from ``aux`` and stores ``dgate = dh * up * silu'(gate)`` at column n and ``dup = dh *
+  silu(gate)`` at column F + n of C ``[M, 2F]``.
+
+dW kernel (:func:`_grouped_gemm_dw_kernel`), ``C[e] = A[rows of e]^T @ B[rows of e]``
+(``[K, N]`` per expert; A optionally gathered through ``a_rows``): one program per
+(expert, K tile, N tile), looping over its expert's rows in chunks of BLOCK_M. An expert
+with no rows runs no iteration and stores zeros.
+
+All loads are masked pointer arithmetic (no block pointers, no tensor descriptors); row and
+expert offsets are int64; accumulation is fp32; fp32 inputs use IEEE dots.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+
+KERNEL = "grouped_gemm"
+KERNEL_DX = "grouped_gemm_dx"
+KERNEL_DW = "grouped_gemm_dw"
+
+# Defaults used when no tuned file applies. NOT measured (no GPU time when written): the
+# first config of the Triton matmul tutorial's CUDA autotune list (128 x 256 x 64, GROUP_M 8,
+# 8 warps, 3 stages), with BLOCK_M 64 when experts average 64 rows or fewer (1K tokens, top-2,
+# 32 experts), where a 128-row tile would be mostly masked. Tune: `kwb tune grouped_gemm`.
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# dW: a [BLOCK_K, BLOCK_N] tile of dW[e] per program, reducing over rows BLOCK_M at a time.
+# NOT measured either: the forward default's 128 x 256 output tile and 64-deep reduction chunk.
+DEFAULT_DW_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_K": 8, "num_warps": 8, "num_stages": 3}
+CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
+DW_CONFIG_FIELDS = tuple(DEFAULT_DW_CONFIG)
+EPILOGUES = ("none", "swiglu", "swiglu_bwd")
+
+
+def default_config(E: int, M: int) -> dict:
+    """The documented fallback of the forward and dX kernels for M rows over E experts."""
+    return {**DEFAULT_CONFIG, "BLOCK_M": 64 if M <= 64 * E else 128}
+
+
+def default_dw_config(E: int, M: int) -> dict:
+    """The documented fallback of the dW kernel."""
+    return dict(DEFAULT_DW_CONFIG)
+
+
+def bucket_key(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
+    """Shape bucket of a launch computing ``[M, K] @ [K, N]`` per group: E, N, K, dtype, and
+    the TOTAL row count M (all experts, T * top_k in moe_ffn) rounded up to a power of two.
+
+    Keys name the product each kernel computes: for dX of ``y = x @ w``, N is w's K and K is
+    w's N; for dW, K and N are w's. SwiGLU forward launches use the weight's N (2F).
+    """
+    return {"E": E, "N": N, "K": K, "dtype": str(dtype).removeprefix("torch."), "M": triton.next_power_of_2(max(M, 1))}
+
+
+def _pow2_at_least_16(n: object) -> bool:
+    return isinstance(n, int) and n >= 16 and n & (n - 1) == 0
+
+
+def valid_config(config: dict, *, swiglu: bool = False) -> bool:
+    """Whether a forward/dX config may launch: every block a power of two >= 16 (tl.dot's
+    minimum tile), GROUP_M >= 1, num_warps a power of two, and num_stages >= 2 (triton 3.6
+    miscompiled one stage for the lightning forward on an H100; see forward.valid_config).
+    A SwiGLU launch halves BLOCK_N (two accumulators), so it needs BLOCK_N >= 32."""
+    try:
+        return (
+            all(_pow2_at_least_16(config[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            and config["GROUP_M"] >= 1 and config["num_stages"] >= 2
+            and config["num_warps"] >= 1 and config["num_warps"] & (config["num_warps"] - 1) == 0
+            and (not swiglu or config["BLOCK_N"] >= 32)
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+def valid_dw_config(config: dict) -> bool:
+    """Whether a dW config may launch (the same rules; GROUP_K groups the K tiles)."""
+    try:
+        return (
+            all(_pow2_at_least_16(config[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            and config["GROUP_K"] >= 1 and config["num_stages"] >= 2
+            and config["num_warps"] >= 1 and config["num_warps"] & (config["num_warps"] - 1) == 0
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a, b, c, offsets, a_rows, aux,
+    N, K, NUM_PID_M,
+    stride_am, stride_ak,
+    stride_be, stride_bk, stride_bn,
+    stride_cm, stride_cn,
+    stride_xm, stride_xn,
+    NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PREACT: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # GROUP_M-swizzled program order over (virtual M tile, N tile)
+    pid = tl.program_id(0)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(NUM_PID_M - first_m, GROUP_M)
+    i_m = first_m + (pid % num_in_group) % group_size
+    i_n = (pid % num_in_group) // group_size
+
+    # tile -> expert: per-expert tile counts from the group ends, their running sum
+    o_e = tl.arange(0, E_POW2)
+    m_e = o_e < NUM_EXPERTS
+    ends = tl.load(offsets + o_e, mask=m_e, other=0)  # [EP]
+    starts = tl.load(offsets + o_e - 1, mask=m_e & (o_e > 0), other=0)  # [EP]
+    tiles = tl.where(m_e, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)  # [EP]
+    tile_ends = tl.cumsum(tiles, axis=0)  # [EP]
+    # the experts whose tiles all come before tile i_m are the ones before its expert i_e
+    m_before = tile_ends <= i_m  # [EP]
+    i_e = tl.sum(m_before.to(tl.int32))
+    if i_e >= NUM_EXPERTS:
+        return  # past the true tile count (the grid is an upper bound)
+    tile_start = tl.sum(tl.where(m_before, tiles, 0))
+    row_start = tl.load(offsets + i_e - 1, mask=i_e > 0, other=0)
+    row_end = tl.load(offsets + i_e)
+
+    # this tile's rows of C (a slice of expert i_e's group) and the A rows they read
+    o_m = row_start + (i_m - tile_start) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < row_end
+    if HAS_GATHER:
+        o_am = tl.load(a_rows + o_m, mask=m_m, other=0).to(tl.int64)  # [BM] fused gather
+    else:
+        o_am = o_m.to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_n = o_n < N
+    o_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    p_a = a + o_am[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
+    p_b = b + i_e.to(tl.int64) * stride_be + o_k[:, None] * stride_bk + o_n[None, :] * stride_bn  # [BK, BN]
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]: gate under SwiGLU
+    b_acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]: up under SwiGLU, else unused
+
+    # main loop over K
+    for i_k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            b_a = tl.load(p_a, mask=m_m[:, None], other=0.0)
+            b_b = tl.load(p_b, mask=m_n[None, :], other=0.0)
+        else:
+            m_k = i_k * BLOCK_K + o_k < K
+            b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+        if EPILOGUE == "swiglu":
+            # the up columns sit F = N columns to the right of the gate columns
+            if EVEN_K:
+                b_b2 = tl.load(p_b + N * stride_bn, mask=m_n[None, :], other=0.0)
+            else:
+                b_b2 = tl.load(p_b + N * stride_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_acc2 = tl.dot(b_a, b_b2, b_acc2, input_precision=DOT_PRECISION)
+        p_a += BLOCK_K * stride_ak
+        p_b += BLOCK_K * stride_bk
+
+    # epilogue
+    m_c = m_m[:, None] & m_n[None, :]
+    o_cm = o_m.to(tl.int64)[:, None]
+    p_c = c + o_cm * stride_cm + o_n[None, :] * stride_cn  # [BM, BN]
+    if EPILOGUE == "swiglu":
+        if STORE_PREACT:
+            p_x = aux + o_cm * stride_xm + o_n[None, :] * stride_xn
+            tl.store(p_x, b_acc.to(aux.dtype.element_ty), mask=m_c)
+            tl.store(p_x + N * stride_xn, b_acc2.to(aux.dtype.element_ty), mask=m_c)
+        b_h = b_acc * tl.sigmoid(b_acc) * b_acc2  # silu(gate) * up, from the fp32 accumulators
+        tl.store(p_c, b_h.to(c.dtype.element_ty), mask=m_c)
+    elif EPILOGUE == "swiglu_bwd":
+        p_x = aux + o_cm * stride_xm + o_n[None, :] * stride_xn
+        b_g = tl.load(p_x, mask=m_c, other=0.0).to(tl.float32)
+        b_u = tl.load(p_x + N * stride_xn, mask=m_c, other=0.0).to(tl.float32)
+        b_s = tl.sigmoid(b_g)
+        # d silu(g) / dg = s + g s (1 - s)
+        tl.store(p_c, (b_acc * b_u * (b_s + b_g * b_s * (1.0 - b_s))).to(c.dtype.element_ty), mask=m_c)
+        tl.store(p_c + N * stride_cn, (b_acc * b_g * b_s).to(c.dtype.element_ty), mask=m_c)
+    else:
+        tl.store(p_c, b_acc.to(c.dtype.element_ty), mask=m_c)
+
+
+@triton.jit
+def _grouped_gemm_dw_kernel(
+    a, b, c, offsets, a_rows,
+    N, K,
+    stride_am, stride_ak,
+    stride_bm, stride_bn,
+    stride_ce, stride_ck, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
+    HAS_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # GROUP_K-swizzled order over this expert's (K tile, N tile) output tiles
+    pid, i_e = tl.program_id(0), tl.program_id(1)
+    num_pid_k = (K + BLOCK_K - 1) // BLOCK_K
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_in_group = GROUP_K * num_pid_n
+    first_k = (pid // num_in_group) * GROUP_K
+    group_size = tl.minimum(num_pid_k - first_k, GROUP_K)
+    i_k = first_k + (pid % num_in_group) % group_size
+    i_n = (pid % num_in_group) // group_size
+
+    row_start = tl.load(offsets + i_e - 1, mask=i_e > 0, other=0)
+    row_end = tl.load(offsets + i_e)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_k, m_n = o_k < K, o_n < N
+    b_acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # [BK, BN]
+
+    # reduce over the expert's rows, BLOCK_M at a time (no iteration for an empty expert)
+    for i_m in range(0, (row_end - row_start + BLOCK_M - 1) // BLOCK_M):
+        o_m = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        m_m = o_m < row_end
+        if HAS_GATHER:
+            o_am = tl.load(a_rows + o_m, mask=m_m, other=0).to(tl.int64)
+        else:
+            o_am = o_m.to(tl.int64)
+        b_at = tl.load(a + o_am[None, :] * stride_am + o_k[:, None] * stride_ak,
+                       mask=m_k[:, None] & m_m[None, :], other=0.0)  # [BK, BM]: A rows, transposed
+        b_b = tl.load(b + o_m.to(tl.int64)[:, None] * stride_bm + o_n[None, :] * stride_bn,
+                      mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
+        b_acc = tl.dot(b_at, b_b, b_acc, input_precision=DOT_PRECISION)
+
+    p_c = c + i_e.to(tl.int64) * stride_ce + o_k[:, None] * stride_ck + o_n[None, :] * stride_cn
+    tl.store(p_c, b_acc.to(c.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _resolve(kernel: str, key: dict, fallback: dict, config: dict | None, valid) -> dict:
+    """An explicit config must be valid (ValueError); a looked-up one that is not is replaced
+    by the fallback rather than launched."""
+    if config is None:
+        found = _config.lookup(kernel, key, default=fallback, near=("M",))
+        return found if valid(found) else fallback
+    if not valid(config):
+        raise ValueError(f"config {config} cannot launch {kernel} (see valid_config)")
+    return config
+
+
+def _launch(
+    a: torch.Tensor, b_strides: tuple[int, int, int], b: torch.Tensor, c: torch.Tensor, offsets: torch.Tensor,
+    N: int, K: int, config: dict, *, a_rows: torch.Tensor | None = None, epilogue: str = "none",
+    aux: torch.Tensor | None = None, store_preact: bool = False,
+) -> None:
+    """One launch of :func:`_grouped_gemm_kernel` writing all M = c.shape[0] rows of c."""
+    M, E = c.shape[0], offsets.shape[0]
+    if M == 0 or N == 0:
+        return
+    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    num_pid_m = min(triton.cdiv(M, BM) + E - 1, M)
+    grid = (num_pid_m * triton.cdiv(N, BN),)
+    x_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
+    _grouped_gemm_kernel[grid](
+        a, b, c, offsets, a_rows, aux,
+        N, K, num_pid_m,
+        a.stride(0), a.stride(1),
+        *b_strides,
+        c.stride(0), c.stride(1),
+        *x_strides,
+        NUM_EXPERTS=E, E_POW2=triton.next_power_of_2(E),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=config["GROUP_M"],
+        HAS_GATHER=a_rows is not None, EPILOGUE=epilogue, STORE_PREACT=store_preact,
+        EVEN_K=K % BK == 0, DOT_PRECISION=_dot_precision(a.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
+def grouped_gemm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """``y[rows of e] = x[rows of e] @ w[e]``: x ``[M, K]``, w ``[E, K, N]``, offsets int32
+    ``[E]`` group ends -> y ``[M, N]`` in x's dtype. Inputs are assumed validated
+    (``api.grouped_gemm`` checks them); any strides. ``config`` overrides the lookup."""
+    M, K = x.shape
+    E, _, N = w.shape
+    key = bucket_key(E, N, K, M, x.dtype)
+    config = _resolve(KERNEL, key, default_config(E, M), config, valid_config)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _launch(x, (w.stride(0), w.stride(1), w.stride(2)), w, y, offsets, N, K, config)
+    return y
+
+
+def grouped_gemm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """``dx[rows of e] = dy[rows of e] @ w[e]^T``: dy ``[M, N]``, w ``[E, K, N]`` -> dx ``[M, K]``.
+    The forward kernel on w's transposed strides; configs from ``grouped_gemm_dx``."""
+    M, N = dy.shape
+    E, K, _ = w.shape
+    key = bucket_key(E, K, N, M, dy.dtype)  # the product is [M, N] @ [N, K]
+    config = _resolve(KERNEL_DX, key, default_config(E, M), config, valid_config)
+    dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
+    _launch(dy, (w.stride(0), w.stride(2), w.stride(1)), w, dx, offsets, K, N, config)
+    return dx
+
+
+def grouped_gemm_dw(
+    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, *, x_rows: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[*, K]`` (row p is ``x[x_rows[p]]`` when
+    ``x_rows`` is given, else ``x[p]``), dy ``[M, N]`` -> dw ``[E, K, N]`` in dy's dtype;
+    zeros for an expert without rows."""
+    M, N = dy.shape
+    K = x.shape[1]
+    E = offsets.shape[0]
+    key = bucket_key(E, N, K, M, dy.dtype)
+    config = _resolve(KERNEL_DW, key, default_dw_config(E, M), config, valid_dw_config)
+    dw = torch.empty(E, K, N, dtype=dy.dtype, device=dy.device)
+    if E == 0 or K == 0 or N == 0:
+        return dw
+    BN, BK = config["BLOCK_N"], config["BLOCK_K"]
+    grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
+    _grouped_gemm_dw_kernel[grid](
+        x, dy, dw, offsets, x_rows,
+        N, K,
+        x.stride(0), x.stride(1),
+        dy.stride(0), dy.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=BN, BLOCK_K=BK, GROUP_K=config["GROUP_K"],
+        HAS_GATHER=x_rows is not None, DOT_PRECISION=_dot_precision(dy.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return dw
+
+
+def _swiglu_config(config: dict) -> dict:
+    """A SwiGLU launch keeps two [BLOCK_M, BLOCK_N/2] accumulators, the registers of one
+    [BLOCK_M, BLOCK_N] tile, so the tuned config of the same N (2F) applies."""
+    return {**config, "BLOCK_N": config["BLOCK_N"] // 2}
+
+
+def gather_gemm_swiglu(
+    x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, x_rows: torch.Tensor, *,
+    store_preact: bool, config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """moe_ffn's first GEMM: ``h[p] = silu(g) * u`` with ``[g, u] = x[x_rows[p]] @ w_gate_up[e]``
+    for the rows p of expert e. x ``[T, Hd]``, w_gate_up ``[E, Hd, 2F]``, x_rows int32 ``[M]``.
+    Returns h ``[M, F]`` and, if ``store_preact``, ``gu = [g, u]`` ``[M, 2F]`` (x's dtype).
+    ``config`` is a ``grouped_gemm`` config for N = 2F; its BLOCK_N is halved here."""
+    M = x_rows.shape[0]
+    K = x.shape[1]
+    E, _, N2 = w_gate_up.shape
+    F = N2 // 2
+    key = bucket_key(E, N2, K, M, x.dtype)
+    valid = lambda cfg: valid_config(cfg, swiglu=True)  # noqa: E731
+    config = _swiglu_config(_resolve(KERNEL, key, default_config(E, M), config, valid))
+    h = torch.empty(M, F, dtype=x.dtype, device=x.device)
+    gu = torch.empty(M, N2, dtype=x.dtype, device=x.device) if store_preact else None
+    w = w_gate_up
+    _launch(x, (w.stride(0), w.stride(1), w.stride(2)), w, h, offsets, F, K, config,
+            a_rows=x_rows, epilogue="swiglu", aux=gu, store_preact=store_preact)
+    return h, gu
+
+
+def gemm_swiglu_bwd(
+    dy: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor, gu: torch.Tensor, *, config: dict | None = None
+) -> torch.Tensor:
+    """moe_ffn's backward through the second GEMM and the SwiGLU: ``dh = dy @ w_down[e]^T``
+    and, in the epilogue, ``dgu = [dh * u * silu'(g), dh * silu(g)]``. dy ``[M, Hd]``, w_down
+    ``[E, F, Hd]``, gu ``[M, 2F]`` -> dgu ``[M, 2F]``. Configs from ``grouped_gemm_dx``."""
+    M, Hd = dy.shape
+    E, F, _ = w_down.shape
+    key = bucket_key(E, F, Hd, M, dy.dtype)
+    config = _resolve(KERNEL_DX, key, default_config(E, M), config, valid_config)
+    dgu = torch.empty(M, 2 * F, dtype=dy.dtype, device=dy.device)
+    w = w_down
+    _launch(dy, (w.stride(0), w.stride(2), w.stride(1)), w, dgu, offsets, F, Hd, config,
+            epilogue="swiglu_bwd", aux=gu)
+    return dgu
