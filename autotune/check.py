@@ -97,10 +97,47 @@ def _lightning_cases(device: str) -> list[Case]:
     return cases
 
 
+def _moe_cases(device: str) -> list[Case]:
+    """Grouped GEMM (with an empty expert) and moe_ffn (output and all four gradients)."""
+    from kernels.moe_gemm import grouped_gemm, moe_ffn
+    from reference.moe import grouped_gemm_ref, moe_ffn_ref
+
+    def gemm(counts, K, N, dtype):
+        def run():
+            offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+            x = torch.randn(int(offsets[-1]), K, device=device).to(dtype)
+            w = (torch.randn(len(counts), K, N, device=device) * K**-0.5).to(dtype)
+            return (_rel(grouped_gemm(x, w, offsets), grouped_gemm_ref(x, w, offsets)),)  # float64 where x lives
+
+        return "grouped_gemm", f"E{len(counts)} rows {counts} K{K} N{N}", run, dtype
+
+    def ffn(T, Hd, F, E, top_k, dtype):
+        def run():
+            leaves = [torch.randn(T, Hd, device=device).to(dtype), torch.randn(T, E, device=device),
+                      (torch.randn(E, Hd, 2 * F, device=device) * Hd**-0.5).to(dtype),
+                      (torch.randn(E, F, Hd, device=device) * F**-0.5).to(dtype)]
+            leaves = [t.requires_grad_() for t in leaves]
+            dout = torch.randn(T, Hd, device=device)
+            out = moe_ffn(*leaves, top_k=top_k)
+            got = torch.autograd.grad((out.float() * dout).sum(), leaves)
+            ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+            ref = moe_ffn_ref(*ref_leaves, top_k)
+            want = torch.autograd.grad((ref * dout.cpu().double()).sum(), ref_leaves)
+            return (_rel(out, ref),) + tuple(_rel(g, w) for g, w in zip(got, want))
+
+        return "moe_ffn", f"T{T} Hd{Hd} F{F} E{E} top{top_k} out dx dlogits dw1 dw2", run, dtype
+
+    cases = [gemm([5, 0, 40, 19], 48, 40, torch.float32), gemm([33, 0, 0, 70], 64, 96, torch.bfloat16),
+             ffn(24, 40, 24, 4, 2, torch.float32)]
+    if device == "cuda":
+        cases += [gemm([1024] * 31 + [0], 6144, 2048, torch.bfloat16)]
+    return cases
+
+
 def run_checks() -> list[CheckResult]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
-    for kernel, name, run, dtype in _lightning_cases(device):
+    for kernel, name, run, dtype in _lightning_cases(device) + _moe_cases(device):
         start = time.perf_counter()
         errors = run()
         worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
