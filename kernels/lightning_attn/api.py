@@ -5,45 +5,15 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.lightning_attn.backward import lightning_attn_bwd
+from kernels.lightning_attn.checks import check_qkv_slopes
 from kernels.lightning_attn.forward import lightning_attn_fwd
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _check_inputs(q, k, v, slopes, initial_state, cu_seqlens) -> None:
     """Raise TypeError/ValueError naming the argument, before anything launches."""
-    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, {'E' if name == 'v' else 'D'}] (4 dims), got shape {tuple(x.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    B, T, H, D = q.shape
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, E] = [{B}, {T}, {H}, E] like q, got {tuple(v.shape)}")
-    E = v.shape[-1]
-    for name, dim in (("D (head dim of q, k)", D), ("E (head dim of v)", E)):
-        if dim not in HEAD_DIMS:
-            raise ValueError(f"{name} must be one of {HEAD_DIMS}, got {dim}")
-    devices = {x.device for x in (q, k, v, slopes)}
-    if initial_state is not None:
-        devices.add(initial_state.device)
-    if cu_seqlens is not None:
-        devices.add(cu_seqlens.device)
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if slopes.shape != (H,):
-        raise ValueError(f"slopes must be [H] = [{H}], got {tuple(slopes.shape)}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"slopes must be a float tensor, got {slopes.dtype}")
-
+    B, T, H, D, E = check_qkv_slopes(q, k, v, slopes, lead="B, T, H",
+                                     extra={"initial_state": initial_state, "cu_seqlens": cu_seqlens})
     N = B
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor):

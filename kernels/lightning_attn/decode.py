@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import _config
+from kernels.lightning_attn.checks import check_qkv_slopes
 
 KERNEL = "lightning_decode"
 
@@ -26,8 +27,6 @@ KERNEL = "lightning_decode"
 # per thread at D=128 and 4 warps. Tune per batch bucket (issue 4).
 DEFAULT_CONFIG = {"BV": 32, "num_warps": 4}
 CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def default_config(D: int, E: int) -> dict:
@@ -78,32 +77,9 @@ def _lightning_decode_kernel(
 
 def _check_inputs(q, k, v, slopes, state) -> None:
     """Raise TypeError/ValueError naming the argument, before anything launches."""
-    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes), ("state", state)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be [B, H, {'E' if name == 'v' else 'D'}] (3 dims, one token), got shape {tuple(x.shape)}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    B, H, D = q.shape
-    if v.shape[:2] != (B, H):
-        raise ValueError(f"v must be [B, H, E] = [{B}, {H}, E] like q, got {tuple(v.shape)}")
-    E = v.shape[-1]
-    for name, dim in (("D (head dim of q, k)", D), ("E (head dim of v)", E)):
-        if dim not in HEAD_DIMS:
-            raise ValueError(f"{name} must be one of {HEAD_DIMS}, got {dim}")
-    devices = {x.device for x in (q, k, v, slopes, state)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if slopes.shape != (H,):
-        raise ValueError(f"slopes must be [H] = [{H}], got {tuple(slopes.shape)}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"slopes must be a float tensor, got {slopes.dtype}")
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    B, H, D, E = check_qkv_slopes(q, k, v, slopes, lead="B, H", extra={"state": state})
     if state.dtype != torch.float32:
         raise TypeError(f"state must be float32 (it is updated in place), got {state.dtype}")
     if state.shape != (B, H, D, E):
