@@ -1,4 +1,6 @@
-"""The lightning attention forward kernel as a tunable (registered as ``lightning_attn_fwd``).
+"""The lightning attention forward and backward kernels as tunables (registered as
+``lightning_attn_fwd`` and ``lightning_attn_bwd``; the decode step is in
+:mod:`autotune.lightning_decode`).
 
 Space: chunk length BT, width BV of the slice of E one program owns, num_warps, num_stages.
 Pruning before compiling: the kernel's own launch rule (:func:`forward.valid_config`: BV
@@ -7,13 +9,18 @@ and a shared-memory estimate against the H100 limit.
 Buckets are the kernel's :func:`forward.bucket_key`, so the tuner writes exactly the keys the
 kernel looks up. Inputs are random (never zero) with MiniMax slopes of a middle layer; the
 reference is the float64 chunked recurrence, fast enough on a GPU at T = 64K.
+
+The backward shares the forward's space, shapes and shared-memory estimate (its passes load
+three ``[BT, *]`` tiles per chunk like the forward); its candidates are checked on dq, dk, dv
+against float64 autograd through the chunked reference, a group of heads at a time so the
+float64 graph stays a few GB at T = 64K, H = 64.
 """
 from __future__ import annotations
 
 import torch
 
 from autotune.tunable import Config, Shape, Tunable, parse_assignments, register
-from kernels.lightning_attn import forward, minimax_slopes
+from kernels.lightning_attn import backward, forward, minimax_slopes
 from reference.lightning_attn import lightning_attn_chunked_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -130,6 +137,81 @@ def parse_shape(text: str) -> Shape:
             raise ValueError(f"lightning shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
     return {name: shape[name] for name in _SHAPE_FIELDS}
 
+
+def is_valid_bwd(config: Config, shape: Shape) -> bool:
+    """The backward's launch rule, and each pass's shared-memory estimate within the limit
+    (the dq pass runs on (D, E), the dk and dv passes with the roles of D and E swapped)."""
+    D, E = shape["D"], shape["E"]
+    itemsize = DTYPES[shape["dtype"]].itemsize
+    return backward.valid_config(config, D, E) and all(
+        shared_memory_bytes(backward.pass_config(config, w), d, w, itemsize) <= SHARED_MEMORY_LIMIT
+        for d, w in ((D, E), (E, D))
+    )
+
+
+def make_inputs_bwd(shape: Shape, device: str) -> dict:
+    """The forward's inputs plus a random output gradient do ``[B, T, H, E]``."""
+    inputs = make_inputs(shape, device)
+    inputs["do"] = torch.randn_like(inputs["v"])
+    return inputs
+
+
+def run_bwd(inputs: dict, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One backward with ``config`` (no initial or final state, as in training); (dq, dk, dv)."""
+    dq, dk, dv, _ = backward.lightning_attn_bwd(
+        inputs["q"], inputs["k"], inputs["v"], inputs["slopes"], inputs["scale"], None, None, inputs["do"], None,
+        needs=(True, True, True, False), config=config,
+    )
+    return dq, dk, dv
+
+
+REFERENCE_HEADS = 8  # heads per float64 autograd graph in reference_bwd
+
+
+def reference_bwd(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in float64 by autograd through the chunked reference, REFERENCE_HEADS
+    heads at a time (heads are independent)."""
+    q, k, v, do, slopes = (inputs[n] for n in ("q", "k", "v", "do", "slopes"))
+    grads = [torch.zeros(x.shape, dtype=torch.float64, device=x.device) for x in (q, k, v)]
+    H = q.shape[2]
+    with torch.enable_grad():
+        for h in range(0, H, REFERENCE_HEADS):
+            heads = slice(h, h + REFERENCE_HEADS)
+            leaves = [x[:, :, heads].double().requires_grad_() for x in (q, k, v)]
+            o, _ = lightning_attn_chunked_ref(*leaves, slopes[heads], scale=inputs["scale"])
+            for g, piece in zip(grads, torch.autograd.grad(o, leaves, do[:, :, heads].double())):
+                g[:, :, heads] = piece
+    return tuple(grads)
+
+
+def bytes_moved_bwd(shape: Shape) -> int:
+    """The backward's floor: q, k, v and do read, dq, dk, dv written (7 tensors)."""
+    B, T, H, D, E = (shape[n] for n in ("B", "T", "H", "D", "E"))
+    return DTYPES[shape["dtype"]].itemsize * B * T * H * (4 * D + 3 * E) + 4 * H
+
+
+def default_config_bwd(shape: Shape) -> Config:
+    """What ``lightning_attn_bwd`` launches when no tuned entry applies."""
+    return backward.default_config(shape["D"], shape["E"])
+
+
+TUNABLE_BWD = register(
+    Tunable(
+        name=backward.KERNEL,
+        space=SPACE,
+        is_valid=is_valid_bwd,
+        bucket=bucket,
+        make_inputs=make_inputs_bwd,
+        run=run_bwd,
+        reference=reference_bwd,
+        tolerance=tolerance,
+        bytes_moved=bytes_moved_bwd,
+        default_config=default_config_bwd,
+        shape_sets=SHAPE_SETS,
+        parse_shape=parse_shape,
+        near=("T",),
+    )
+)
 
 TUNABLE = register(
     Tunable(

@@ -81,9 +81,12 @@ def _local_budget(n: int) -> int:
 
 
 def neighbours(config: Config, values: dict[str, list]) -> list[Config]:
-    """Configs that move one parameter of ``config`` one step along its sorted values."""
+    """Configs that move one parameter of ``config`` one step along its sorted values
+    (``values`` may name parameters that ``config`` lacks: another variant's)."""
     out = []
     for name, options in values.items():
+        if name not in config:
+            continue
         i = options.index(config[name])
         out += [{**config, name: options[j]} for j in (i - 1, i + 1) if 0 <= j < len(options)]
     return out
@@ -103,7 +106,8 @@ def local(
         return []
     budget = _local_budget(len(candidates))
     pool = {config_key(c): c for c in candidates}
-    values = {name: sorted({c[name] for c in candidates}) for name in candidates[0]}
+    names = {name: None for c in candidates for name in c}
+    values = {name: sorted({c[name] for c in candidates if name in c}, key=lambda x: (isinstance(x, str), x)) for name in names}
     draws = max(2, budget // 4)
     seen: set[tuple] = set()
     results: list[Result] = []

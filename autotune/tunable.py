@@ -24,7 +24,7 @@ from typing import Any, Callable
 Shape = dict[str, Any]
 Config = dict[str, Any]
 
-BUILTIN_MODULES = ("autotune.lightning", "autotune.moe")
+BUILTIN_MODULES = ("autotune.lightning", "autotune.lightning_decode", "autotune.moe")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class Tunable:
     """A kernel's search space plus everything needed to check and time one config."""
 
     name: str  # kernel name: the config file is <root>/<gpu-slug>/<name>.json
-    space: dict[str, list]  # parameter -> the values it may take
+    # parameter -> the values it may take; or a list of such dicts, a union of products for
+    # kernels whose variants take different parameters (e.g. one per backend)
+    space: dict[str, list] | list[dict[str, list]]
     is_valid: Callable[[Config, Shape], bool]  # pruning before compiling
     bucket: Callable[[Shape], dict]  # the key written to the file == the runtime lookup's key
     make_inputs: Callable[[Shape, str], Any]  # (shape, device) -> inputs, fresh random values
@@ -44,11 +46,18 @@ class Tunable:
     shape_sets: dict[str, list[Shape]]  # named shape sets, e.g. "minimax", "small"
     parse_shape: Callable[[str], Shape]  # "T=4096,H=64,D=128" -> a full shape
     near: tuple[str, ...] = ()  # key fields the runtime lookup may round to the nearest entry
+    # restores inputs that ``run`` updates in place (a decode step's state) before each
+    # reference check, so every candidate is checked on the inputs the reference saw
+    reset: Callable[[Any], None] | None = None
 
     def configs(self) -> list[Config]:
-        """Every point of the space (the cartesian product), valid or not."""
-        params = list(self.space)
-        return [dict(zip(params, values)) for values in itertools.product(*(self.space[p] for p in params))]
+        """Every point of the space (the cartesian product, or the union of the products),
+        valid or not."""
+        out = []
+        for space in self.space if isinstance(self.space, list) else [self.space]:
+            params = list(space)
+            out += [dict(zip(params, values)) for values in itertools.product(*(space[p] for p in params))]
+        return out
 
     def candidates(self, shape: Shape) -> list[Config]:
         """The points of the space that :attr:`is_valid` keeps for ``shape``."""

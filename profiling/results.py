@@ -226,5 +226,5 @@ def record_from_timing(
         gpu={"name": identity.name, "slug": identity.slug, "driver": identity.driver} if identity else {},
         versions=gpu.versions(),
         telemetry=gpu.telemetry(device_index) if telemetry is None else telemetry,
-        extra=extra or {},
+        extra={**(extra or {}), "iters": timing.n, **({"host_ms": timing.host_ms} if timing.host_ms is not None else {})},
     )

@@ -10,14 +10,24 @@ writes it back once, and reads q, k (D each) and its BV of v. There are no dots 
 update and a reduction over D), so BV may be below 16. The step allocates o only, never
 syncs with the host and reads the slopes inside the kernel, so it can be captured in a CUDA
 graph. Purely memory bound: bytes = 2 * 4 * B*H*D*E (state) + the token's q, k, v, o.
+
+Two backends compute the same step, chosen by the config's ``backend`` field (tuned per
+batch bucket, like the block sizes): ``"triton"`` (this module; BV, num_warps) and
+``"cupy"`` (CUDA C++ compiled at run time, :mod:`kernels.lightning_attn.decode_cuda`; BV,
+ROWS). A config file written on a machine with CuPy that is read on one without falls back
+to the Triton default with a warning.
 """
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import _config
+from kernels.lightning_attn import decode_cuda
 from kernels.lightning_attn.checks import check_qkv_slopes
 
 KERNEL = "lightning_decode"
@@ -25,8 +35,9 @@ KERNEL = "lightning_decode"
 # Used when no tuned file applies. NOT measured (no GPU time when it was written): BV=32
 # gives B*H*E/32 programs (256 at B=1, H=64, E=128) of a [D, 32] fp32 slice, 32 registers
 # per thread at D=128 and 4 warps. Tune per batch bucket (issue 4).
-DEFAULT_CONFIG = {"BV": 32, "num_warps": 4}
+DEFAULT_CONFIG = {"backend": "triton", "BV": 32, "num_warps": 4}
 CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
+BACKENDS = ("triton", "cupy")
 
 
 def default_config(D: int, E: int) -> dict:
@@ -40,9 +51,40 @@ def bucket_key(D: int, E: int, B: int) -> dict:
 
 
 def valid_config(config: dict, D: int, E: int) -> bool:
-    """BV a power of two dividing E, at most 8192 fp32 state elements (D*BV) per program."""
-    BV = config["BV"]
-    return 1 <= BV <= E and BV & (BV - 1) == 0 and E % BV == 0 and D * BV <= 8192 and config["num_warps"] >= 1
+    """Whether ``config`` can launch at head dims (D, E) on this machine. Triton: BV a power
+    of two dividing E, at most 8192 fp32 state elements (D*BV) per program, num_warps >= 1.
+    CuPy: CuPy present and :func:`decode_cuda.valid_config`. A missing backend means Triton."""
+    backend = config.get("backend", "triton")
+    if backend == "cupy":
+        return decode_cuda.available() and decode_cuda.valid_config(config, D, E)
+    if backend != "triton":
+        return False
+    BV, warps = config.get("BV"), config.get("num_warps")
+    if not (isinstance(BV, int) and isinstance(warps, int)):
+        return False
+    return 1 <= BV <= E and BV & (BV - 1) == 0 and E % BV == 0 and D * BV <= 8192 and warps >= 1
+
+
+def _resolve(config: dict | None, D: int, E: int, B: int) -> dict:
+    """An explicit config must be valid (ValueError); a looked-up one that is not (another
+    machine's backend, a stale field) is replaced by the default, with a warning once."""
+    if config is not None:
+        if not valid_config(config, D, E):
+            why = " (CuPy or a GPU is missing)" if config.get("backend") == "cupy" and not decode_cuda.available() else ""
+            raise ValueError(f"config {config} cannot launch lightning_decode for D={D}, E={E}{why} (see valid_config)")
+        return config
+    fallback = default_config(D, E)
+    found = _config.lookup(KERNEL, bucket_key(D, E, B), default=fallback, near=("B",))
+    if valid_config(found, D, E):
+        return found
+    _warn_once(f"tuned lightning_decode config {found} cannot launch here (backend {found.get('backend')!r}); "
+               f"using the default {fallback}")
+    return fallback
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @triton.jit
@@ -107,7 +149,8 @@ def lightning_decode(
         state: float32 ``[B, H, D, E]``, contiguous; UPDATED IN PLACE (e.g. the final state
             of a prefill with ``lightning_attn(..., output_final_state=True)``).
         scale: multiplies the output.
-        config: BV (width of the E slice one program owns) and num_warps; overrides the tuned
+        config: ``backend`` ("triton": BV, the width of the E slice one program owns, and
+            num_warps; "cupy": BV and ROWS, see :mod:`decode_cuda`); overrides the tuned
             lookup (the autotuner passes candidates this way).
 
     Returns:
@@ -116,17 +159,14 @@ def lightning_decode(
     _check_inputs(q, k, v, slopes, state)
     B, H, D = q.shape
     E = v.shape[-1]
-    if config is None:
-        fallback = default_config(D, E)
-        config = _config.lookup(KERNEL, bucket_key(D, E, B), default=fallback, near=("B",))
-        if not valid_config(config, D, E):
-            config = fallback
-    elif not valid_config(config, D, E):
-        raise ValueError(f"config {config} cannot launch for D={D}, E={E} (see valid_config)")
+    config = _resolve(config, D, E, B)
     BV = config["BV"]
 
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
     if B == 0:
+        return o, state
+    if config.get("backend") == "cupy":
+        decode_cuda.decode_step(q, k, v, o, slopes, state, float(scale), config)
         return o, state
     _lightning_decode_kernel[(E // BV, B * H)](
         q, k, v, o, slopes, state, float(scale),

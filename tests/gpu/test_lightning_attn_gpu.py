@@ -176,21 +176,51 @@ def test_forward_backward_memory_at_most_5x_q(B, T):
 
 # ---- decode (issue 4) ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("B", [1, 16, 256])
-def test_decode_matches_reference(B):
+def _decode_configs(D: int, E: int) -> list[dict]:
+    """Every config the decode tuner may try at (D, E), both backends (CuPy where installed)."""
+    from autotune.lightning import decode_space
+    from kernels.lightning_attn.decode import valid_config
+
+    return [c for c in decode_space() if valid_config(c, D, E)]
+
+
+def _check_decode(B, H, D, E, dtype, config, *, slopes_dtype=torch.float32, strided=False):
     from kernels.lightning_attn import lightning_decode
     from reference.lightning_attn import lightning_decode_ref
 
-    H, D, E = 64, 128, 128
-    q, k = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B, H, E, device="cuda", dtype=torch.bfloat16)
+    q, k = (torch.randn(B, H, 2 * D if strided else D, device="cuda", dtype=dtype)[..., :D] for _ in range(2))
+    v = torch.randn(B, H, E, device="cuda", dtype=dtype)
     state = torch.randn(B, H, D, E, device="cuda")
-    s = minimax_slopes(H, 0, 8).cuda()
+    s = minimax_slopes(H, 0, 8).cuda().to(slopes_dtype)
     want_o, want_state = lightning_decode_ref(q, k, v, s, state.clone(), scale=D**-0.5)
-    o, new_state = lightning_decode(q, k, v, s, state, scale=D**-0.5)
+    o, new_state = lightning_decode(q, k, v, s, state, scale=D**-0.5, config=config)
     assert new_state is state
-    assert_close("state", state, want_state, TOLERANCE[torch.float32])
-    assert_close("o", o, want_o, TOLERANCE[torch.bfloat16])
+    assert_close(f"state {config}", state, want_state, TOLERANCE[torch.float32])
+    assert_close(f"o {config}", o, want_o, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("B", [1, 16, 256])
+def test_decode_matches_reference(B):
+    _check_decode(B, 64, 128, 128, torch.bfloat16, None)
+
+
+@pytest.mark.parametrize("D,E", [(128, 128), (64, 256), (256, 16)], ids=lambda x: str(x))
+def test_every_decode_config_is_correct(D, E):
+    """Both backends, every config of the tuner's space that is valid at (D, E)."""
+    configs = _decode_configs(D, E)
+    assert any(c["backend"] == "triton" for c in configs)
+    for config in configs:
+        _check_decode(5, 8, D, E, torch.bfloat16, config)
+
+
+@pytest.mark.parametrize("dtype,slopes_dtype", [(torch.float32, torch.float64), (torch.float16, torch.bfloat16)],
+                         ids=["fp32-slopes64", "fp16-slopes-bf16"])
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_decode_dtypes_and_strides(dtype, slopes_dtype, backend):
+    configs = [c for c in _decode_configs(128, 64) if c["backend"] == backend]
+    if not configs:
+        pytest.skip(f"{backend} backend not available (CuPy not installed)")
+    _check_decode(3, 4, 128, 64, dtype, configs[len(configs) // 2], slopes_dtype=slopes_dtype, strided=True)
 
 
 def test_prefill_then_decode_on_gpu():
@@ -206,23 +236,28 @@ def test_prefill_then_decode_on_gpu():
     assert_close("state", state, want_state, TOLERANCE[torch.bfloat16])
 
 
-def test_decode_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_decode_step_captures_in_a_cuda_graph(backend):
     """No host sync and no allocation outside the graph pool: the step captures and replays."""
     from kernels.lightning_attn import lightning_decode
 
+    configs = [c for c in _decode_configs(128, 128) if c["backend"] == backend]
+    if not configs:
+        pytest.skip(f"{backend} backend not available (CuPy not installed)")
+    config = configs[0]
     B, H, D = 16, 64, 128
     q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     s = minimax_slopes(H, 0, 8).cuda()
     state = torch.randn(B, H, D, D, device="cuda")
     eager_state = state.clone()
-    lightning_decode(q, k, v, s, state.clone())  # compile outside the capture
+    lightning_decode(q, k, v, s, state.clone(), config=config)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, _ = lightning_decode(q, k, v, s, state)
+        o, _ = lightning_decode(q, k, v, s, state, config=config)
     state.copy_(eager_state)
     for _ in range(3):
         graph.replay()
-        want, _ = lightning_decode(q, k, v, s, eager_state)
+        want, _ = lightning_decode(q, k, v, s, eager_state, config=config)
     torch.cuda.synchronize()
     assert torch.equal(state, eager_state)
     assert torch.equal(o, want)

@@ -90,8 +90,11 @@ def _check_moe(inputs, top_k, tol):
     ref.backward(dout.float())
     assert_close("out", ours[0], ref, tol)
     for name, got, t in zip(("dx", "d_router_logits", "dw_gate_up", "dw_down"), ours[1:], inputs):
-        if name == "d_router_logits" and top_k == 1:  # a constant weight 1: zero gradient, no relative error
-            assert (got == 0).all() and t.grad.abs().max().item() < 1e-6
+        if name == "d_router_logits" and top_k == 1:
+            # a constant weight 1: ours is exactly zero; the float32 reference's p / p leaves
+            # round-off of the size eps * |dout[t] . y[t]|, so bound it by that scale
+            scale = (dout.float().norm(dim=-1) * ours[0].float().norm(dim=-1)).max().item()
+            assert (got == 0).all() and t.grad.abs().max().item() <= 1e-5 * scale
             continue
         assert_close(name, got, t.grad, tol)
 
