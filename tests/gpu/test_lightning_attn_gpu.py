@@ -178,10 +178,10 @@ def test_forward_backward_memory_at_most_5x_q(B, T):
 
 def _decode_configs(D: int, E: int) -> list[dict]:
     """Every config the decode tuner may try at (D, E), both backends (CuPy where installed)."""
-    from autotune.lightning import decode_space
+    from autotune.lightning_decode import TUNABLE
     from kernels.lightning_attn.decode import valid_config
 
-    return [c for c in decode_space() if valid_config(c, D, E)]
+    return [c for c in TUNABLE.configs() if valid_config(c, D, E)]
 
 
 def _check_decode(B, H, D, E, dtype, config, *, slopes_dtype=torch.float32, strided=False):
