@@ -245,8 +245,16 @@ def tune(
 
 
 @app.command()
-def info() -> None:
+def info(
+    model: Annotated[Optional[str], typer.Option(help="A model config (tiny, bench, minimax-text-01): list its kernel launches layer by layer instead.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size of the --model plan.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Prefill length of the --model plan.")] = 4096,
+    backward: Annotated[bool, typer.Option(help="Also list the training backward's launches in the --model plan.")] = False,
+) -> None:
     """Show the GPU, versions, and which config file and buckets each kernel would use."""
+    if model is not None:
+        _model_plan(model, batch, seq_len, backward)
+        return
     from autotune import tunable as registry
     from kernels import _config
     from profiling import gpu_identity, versions
@@ -289,6 +297,30 @@ def info() -> None:
                     config = _config.lookup(name, key, default=t.default_config(shape), near=t.near)
                     used.add_row(set_name, shape_label(shape), _label(key), _label(config))
         console.print(used)
+
+
+def _model_plan(name: str, batch: int, seq_len: int, backward: bool) -> None:
+    """``kwb info --model NAME``: every kernel launch of the model with its file, bucket, config."""
+    from kernels import _config
+    from model import kernel_plan
+
+    console = Console()
+    phases = ("prefill", "decode") + (("backward",) if backward else ())
+    try:
+        rows = kernel_plan(name, batch, seq_len, phases=phases)
+    except ValueError as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(code=2)
+    console.print(f"model {name}: batch {batch}, prefill {seq_len} tokens; configs for {_config.device_slug()} "
+                  f"under {_config.config_root()}")
+    table = Table(title=f"{len(rows)} launches (the lookup each makes at run time; nothing is tuned at run time)")
+    for column in ("layer", "kind", "phase", "op", "kernel", "bucket", "file", "config"):
+        table.add_column(column)
+    for r in rows:
+        style = {"ok": "green", "missing": "yellow", "untuned": "dim"}.get(r.file_status, "red")
+        table.add_row(str(r.layer), r.kind, r.phase, r.op, r.kernel, _label(r.key),
+                      f"[{style}]{r.file_status}[/]", _label(r.config))
+    console.print(table)
 
 
 @app.command()

@@ -436,3 +436,22 @@ def test_cli_info_reports_a_corrupt_file(config_dir):
 def test_python_dash_m_autotune_is_the_same_program():
     result = subprocess.run([sys.executable, "-m", "autotune", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "tune" in result.stdout and "info" in result.stdout
+
+
+def test_cli_info_model_lists_every_layer(config_dir):
+    """`kwb info --model`: one prefill launch of lightning or SDPA per layer, the MoE GEMMs,
+    with the file status; an unknown model name is refused with the known names."""
+    import re
+
+    result = runner.invoke(app, ["info", "--model", "tiny", "--seq-len", "100"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    from model import get_config, kernel_plan
+
+    rows = kernel_plan("tiny", 1, 100)
+    assert f"{len(rows)} launches" in result.output
+    kinds = get_config("tiny").layer_kinds
+    for layer, kind in enumerate(kinds):
+        assert re.search(rf"│ {layer} +│ {kind}", result.output), f"layer {layer} ({kind}) missing"
+    assert "lightning_attn_fwd" in result.output and "grouped_gemm" in result.output and "missing" in result.output
+    bad = runner.invoke(app, ["info", "--model", "nope"])
+    assert bad.exit_code == 2 and "tiny" in bad.output

@@ -1,0 +1,158 @@
+"""Which kernel launches a model makes, per layer, and the launch config each one gets.
+
+:func:`kernel_plan` walks the layers of a config and, for each kernel launch of a phase
+(``prefill``: the forward over ``seq_len`` tokens; ``decode``: one token per sequence;
+``backward``: the training backward of the prefill), computes the shape bucket with the
+kernel's own ``bucket_key`` and resolves the config exactly as the kernel does: the one
+lookup in ``kernels/_config.py`` (exact bucket, nearest bucket, else the kernel's
+``default_config``), replaced by that default when the kernel's ``valid_config`` rejects it.
+Nothing launches, so a plan for MiniMax-Text-01 costs a few hundred dict lookups.
+
+Launches per layer (M = tokens * top_k rows of the MoE GEMMs; F the expert hidden size):
+
+- lightning layer: ``lightning_attn_fwd`` (prefill), ``lightning_attn_bwd`` (backward: its
+  three passes share one config, BV clipped to each pass's width), ``lightning_decode``.
+- softmax layer: torch SDPA (no tuned config).
+- every layer's MoE: ``grouped_gemm`` for ``x @ w_gate_up`` (SwiGLU epilogue: the launch
+  halves the config's BLOCK_N) and for ``h @ w_down``; backward: ``grouped_gemm_dw`` for each
+  weight gradient, ``grouped_gemm_dx`` for the SwiGLU backward and for dX. The routing
+  combine kernels use a fixed config (``routing.COMBINE_CONFIG``) and are not listed.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels import _config
+from kernels.lightning_attn import backward as lightning_bwd
+from kernels.lightning_attn import decode as lightning_dec
+from kernels.lightning_attn import forward as lightning_fwd
+from kernels.moe_gemm.grouped_gemm import (
+    KERNEL,
+    KERNEL_DW,
+    KERNEL_DX,
+    bucket_key,
+    default_config,
+    default_dw_config,
+    valid_config,
+    valid_dw_config,
+)
+from model.config import LIGHTNING, ModelConfig, get_config
+
+PHASES = ("prefill", "decode", "backward")
+SDPA = "torch.sdpa"
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One kernel launch of one layer: what it computes and the config it launches with."""
+
+    layer: int
+    kind: str  # "lightning" or "softmax"
+    phase: str  # "prefill", "decode" or "backward"
+    op: str  # what the launch computes, e.g. "moe x @ w_gate_up + SwiGLU"
+    kernel: str  # the kernel's config name (its file is <root>/<gpu-slug>/<kernel>.json), or "torch.sdpa"
+    key: dict  # the shape bucket the lookup is keyed by ({} for SDPA)
+    config_file: str | None  # the file the lookup reads (None for SDPA)
+    file_status: str  # "ok", "missing", "corrupt", "stale" (see _config.read_config_file); "untuned" for SDPA
+    config: dict  # the config the launch uses ({} for SDPA)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    phase: str
+    op: str
+    kernel: str
+    key: dict
+    default: dict
+    valid: Callable[[dict], bool]
+    near: tuple[str, ...]
+
+
+def _lightning_launches(D: int, batch: int, seq_len: int, dtype: torch.dtype) -> list[_Launch]:
+    return [
+        _Launch("prefill", "lightning attention", lightning_fwd.KERNEL, lightning_fwd.bucket_key(D, D, seq_len, dtype),
+                lightning_fwd.default_config(D, D), lambda c: lightning_fwd.valid_config(c, D, D), ("T",)),
+        _Launch("decode", "lightning decode step", lightning_dec.KERNEL, lightning_dec.bucket_key(D, D, batch),
+                lightning_dec.default_config(D, D), lambda c: lightning_dec.valid_config(c, D, D), ("B",)),
+        _Launch("backward", "lightning attention dq, dk, dv", lightning_bwd.KERNEL,
+                lightning_bwd.bucket_key(D, D, seq_len, dtype), lightning_bwd.default_config(D, D),
+                lambda c: lightning_bwd.valid_config(c, D, D), ("T",)),
+    ]
+
+
+def _moe_launches(config: ModelConfig, phase: str, tokens: int, dtype: torch.dtype) -> list[_Launch]:
+    E, Hd, F = config.num_experts, config.hidden_size, config.expert_hidden_size
+    M = tokens * config.top_k
+    gemm, dw = default_config(E, M), default_dw_config(E, M)
+    swiglu = functools.partial(valid_config, swiglu=True)
+    forward = [
+        _Launch(phase, "moe x @ w_gate_up + SwiGLU", KERNEL, bucket_key(E, 2 * F, Hd, M, dtype), gemm, swiglu, ("M",)),
+        _Launch(phase, "moe h @ w_down", KERNEL, bucket_key(E, Hd, F, M, dtype), gemm, valid_config, ("M",)),
+    ]
+    if phase != "backward":
+        return forward
+    return [
+        _Launch(phase, "moe dw_down = h^T dy", KERNEL_DW, bucket_key(E, Hd, F, M, dtype), dw, valid_dw_config, ("M",)),
+        _Launch(phase, "moe dgu = SwiGLU'(dy @ w_down^T)", KERNEL_DX, bucket_key(E, F, Hd, M, dtype), gemm, valid_config, ("M",)),
+        _Launch(phase, "moe dw_gate_up = x^T dgu", KERNEL_DW, bucket_key(E, 2 * F, Hd, M, dtype), dw, valid_dw_config, ("M",)),
+        _Launch(phase, "moe dx = dgu @ w_gate_up^T", KERNEL_DX, bucket_key(E, Hd, 2 * F, M, dtype), gemm, valid_config, ("M",)),
+    ]
+
+
+def kernel_plan(
+    config: ModelConfig | str,
+    batch: int,
+    seq_len: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    phases: tuple[str, ...] = ("prefill", "decode"),
+    slug: str | None = None,
+) -> list[PlanRow]:
+    """Every kernel launch of the model, layer by layer, with its bucket and config.
+
+    Args:
+        config: a :class:`ModelConfig` or a registered name (``get_config``).
+        batch: sequences per call (B); seq_len: tokens per sequence of the prefill (T).
+        dtype: the model's dtype (the kernels' buckets include it).
+        phases: which of ``prefill``, ``decode`` (one token per sequence), ``backward``.
+        slug: plan for this GPU's config folder (default: this machine's, ``cpu`` without a GPU).
+
+    Returns:
+        :class:`PlanRow` s ordered by layer, then phase (in ``phases`` order), then launch order.
+    """
+    if isinstance(config, str):
+        config = get_config(config)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or a config name, got {type(config).__name__}")
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(phases, tuple) or not phases or any(p not in PHASES for p in phases):
+        raise ValueError(f"phases must be a non-empty tuple of {PHASES}, got {phases!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+
+    status = functools.cache(lambda kernel: _config.read_config_file(_config.config_path(kernel, slug)).status)
+
+    def row(layer: int, kind: str, launch: _Launch) -> PlanRow:
+        found = _config.lookup(launch.kernel, launch.key, default=launch.default, near=launch.near, slug=slug)
+        used = found if launch.valid(found) else launch.default
+        path = str(_config.config_path(launch.kernel, slug))
+        return PlanRow(layer, kind, launch.phase, launch.op, launch.kernel, launch.key, path, status(launch.kernel), used)
+
+    D = config.head_dim
+    lightning = {launch.phase: launch for launch in _lightning_launches(D, batch, seq_len, dtype)}
+    moe = {phase: _moe_launches(config, phase, batch if phase == "decode" else batch * seq_len, dtype) for phase in phases}
+    rows = []
+    for layer, kind in enumerate(config.layer_kinds):
+        for phase in phases:
+            if kind == LIGHTNING:
+                rows.append(row(layer, kind, lightning[phase]))
+            else:
+                rows.append(PlanRow(layer, kind, phase, "softmax attention", SDPA, {}, None, "untuned", {}))
+            rows.extend(row(layer, kind, launch) for launch in moe[phase])
+    return rows
