@@ -95,12 +95,15 @@ def neighbours(config: Config, values: dict[str, list]) -> list[Config]:
 def local(
     candidates: list[Config], measure: Measure, *, rep_ms: float, seeds: Sequence[Config], rng: random.Random
 ) -> list[Result]:
-    """Random sample plus local search, measuring ``max(8, 20%)`` of the candidates.
+    """Random sample plus local search, measuring at most ``max(8, 20%)`` of the candidates.
 
-    Starts from ``seeds`` (the runner passes the previous bucket's winner and the default)
-    and a few random candidates, then repeatedly measures the unmeasured neighbours of the
-    best so far; at a local optimum it draws fresh random candidates, until the budget is
-    spent. Every measurement uses the full ``rep_ms``.
+    ``seeds`` are the previous bucket's winner (when there is one) followed by the default.
+    Cold start (the default only): the seeds and a few random candidates, then repeatedly
+    the unmeasured neighbours of the best so far; at a local optimum, fresh random
+    candidates, until the budget is spent. Warm start (a previous winner): hill-climbing
+    from the seeds only, stopping at the first local optimum: neighbouring buckets share
+    their optimum or sit next to it, and the configs near it are already compiled, so a
+    warm bucket costs a handful of measurements. Every measurement uses the full ``rep_ms``.
     """
     if not candidates:
         return []
@@ -126,10 +129,13 @@ def local(
         unseen = [c for key, c in pool.items() if key not in seen]
         return rng.sample(unseen, min(draws, len(unseen)))
 
-    take(list(seeds) + draw())
+    warm = len(seeds) > 1
+    take(list(seeds) + ([] if warm else draw()))
     while len(seen) < budget:
         best = ranked(results)
         if not (best and take(neighbours(best[0].config, values))):
+            if warm and best:
+                break  # a local optimum next to the previous bucket's
             take(draw())
     return results
 

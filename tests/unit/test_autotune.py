@@ -276,6 +276,51 @@ def test_strategies_never_pick_a_wrong_config(name):
 def test_local_search_neighbours():
     values = {"BT": [32, 64, 128], "num_warps": [4, 8]}
     assert strategies.neighbours({"BT": 32, "num_warps": 4}, values) == [{"BT": 64, "num_warps": 4}, {"BT": 32, "num_warps": 8}]
+    # a parameter of another variant of a union space is not this config's neighbour axis
+    values["ROWS"] = [1, 2]
+    assert {"BT": 32, "num_warps": 4, "ROWS": 1} not in strategies.neighbours({"BT": 32, "num_warps": 4}, values)
+
+
+def test_local_search_warm_start_climbs_from_the_previous_winner():
+    """From a previous bucket's winner at or next to the optimum, local search hill-climbs to
+    it and stops at the first local optimum: no random draws, and from the optimum itself
+    only the seeds and one ring of neighbours."""
+    candidates = lightning.TUNABLE.candidates(MINIMAX_16K)
+    values = {n: sorted({c[n] for c in candidates}) for n in candidates[0]}
+    default = forward.default_config(128, 128)
+    budget = strategies._local_budget(len(candidates))
+    for previous in (OPTIMUM, {**OPTIMUM, "num_warps": 4}, {**OPTIMUM, "BT": 32}):
+        measure, calls, true_ms = landscape_measure()
+        final = strategies.local(candidates, measure, rep_ms=100, seeds=[previous, default], rng=random.Random(0))
+        best = min((r for r in final if r.ok), key=lambda r: r.median_ms)
+        assert true_ms(best.config) <= 1.03 * true_ms(OPTIMUM), previous  # within the noise of the optimum
+        assert len(calls) <= budget
+        # everything measured is a seed or a neighbour of something measured before it
+        measured = [c for c, _ in calls]
+        for i, c in enumerate(measured[2:], start=2):
+            assert any(c in strategies.neighbours(m, values) for m in measured[:i]), c
+    # without noise, from the optimum: the seeds and one ring of neighbours, then it stops
+    _, _, true_ms = landscape_measure()
+    calls = []
+
+    def exact(configs, rep_ms):
+        calls.extend(configs)
+        return [Result(c, "ok", rep_ms, true_ms(c), true_ms(c), true_ms(c), 10, 1e-3) for c in configs]
+
+    strategies.local(candidates, exact, rep_ms=100, seeds=[OPTIMUM, default], rng=random.Random(0))
+    ring = [c for c in strategies.neighbours(OPTIMUM, values) if c in candidates]
+    assert len(calls) == len({strategies.config_key(c) for c in [OPTIMUM, default, *ring]}) < budget
+
+
+def test_decode_space_is_a_union_of_backends():
+    from autotune import lightning_decode
+
+    configs = lightning_decode.TUNABLE.configs()
+    assert {c["backend"] for c in configs} == {"triton", "cupy"}
+    assert all(("ROWS" in c) == (c["backend"] == "cupy") and ("num_warps" in c) == (c["backend"] == "triton") for c in configs)
+    shape = {"B": 1, "H": 64, "D": 128, "E": 128, "dtype": "bf16"}
+    kept = lightning_decode.TUNABLE.candidates(shape)
+    assert kept and all(c["backend"] == "triton" for c in kept) == (not __import__("kernels.lightning_attn.decode_cuda", fromlist=["x"]).available())
 
 
 # --------------------------------------------------------------------------- writer
