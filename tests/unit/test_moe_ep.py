@@ -227,6 +227,14 @@ def test_ep_uneven_routing(W, tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_ep_world_size_8(tmp_path):
+    """Issue 9 on CPU: 8 ranks, 2 experts each, so each rank keeps ~1/8 of its token copies and
+    sends the rest away; one rank has no tokens."""
+    case = dict(W=8, E=16, tokens=[3, 0, 5, 2, 4, 1, 6, 2], top_k=2, seed=8)
+    _check(case, _spawn(case, tmp_path))
+
+
+@pytest.mark.timeout(180)
 def test_ep_top1(tmp_path):
     case = dict(W=2, E=4, tokens=[6, 4], top_k=1, seed=7)
     _check(case, _spawn(case, tmp_path))
