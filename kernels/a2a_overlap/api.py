@@ -4,7 +4,8 @@ W ranks, E experts, ``E_l = E / W`` local experts: rank r owns experts
 ``[r * E_l, (r + 1) * E_l)`` (``w_gate_up_local [E_l, Hd, 2F]``, ``w_down_local [E_l, F, Hd]``).
 Each rank holds its own T_r tokens (T may differ per rank, 0 included).
 
-Pipeline, per chunk of local tokens (``num_chunks`` chunks, 1 by default)::
+Pipeline, per chunk of local tokens (``num_chunks`` chunks: given, or the tuned config of
+``schedule.py``, else 1)::
 
     route(logits_c, k)          the same routing as moe_ffn: rows sorted by expert, hence by
                                 destination rank (rank r's experts are contiguous)
@@ -33,9 +34,11 @@ chunk c run (``async_op=True`` handles; see ``exchange.py``). Chunk c is the loc
 ``[c*T//C, (c+1)*T//C)`` (possibly empty). The backward is correct (the autograd engine
 issues the reverse exchanges in an order fixed by the graph) but not scheduled for overlap.
 
-Contract (every rank): the same ``top_k``, ``num_chunks``, E, Hd, F and dtype, and the same
+Contract (every rank): the same ``top_k``, ``num_chunks``, ``comm_ctas``, E, Hd, F and dtype, and the same
 ``requires_grad`` flags, so all ranks issue the same sequence of collectives (forward: 1 +
-2C all-to-alls; backward: 2C, for the exchanges that carry gradient). World size 1 makes
+2C all-to-alls, plus one all-reduce when the config is looked up, plus a ``new_group`` the
+first time a ``comm_ctas`` is used; backward: 2C, for the exchanges that carry gradient).
+World size 1 makes
 no collective at all (``moe_ffn`` on the local = all experts). A peer that dies or hangs
 surfaces as a ``RuntimeError`` after the process group's timeout (``init_process_group(...,
 timeout=...)``).
@@ -45,6 +48,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.a2a_overlap import schedule
 from kernels.a2a_overlap.exchange import start_exchange
 from kernels.moe_gemm.api import MoECombineFunction, MoEExpertsFunction, _check_moe, moe_ffn
 from kernels.moe_gemm.routing import combine, route
@@ -72,10 +76,15 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, W) -> None:
+def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, W) -> None:
     """Raise before any collective (every rank with the same shapes raises the same way)."""
-    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(f"num_chunks must be an int >= 1, got {num_chunks!r}")
+    if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1):
+        raise ValueError(f"num_chunks must be None or an int >= 1, got {num_chunks!r}")
+    if comm_ctas is not None:
+        if num_chunks is None:
+            raise ValueError("comm_ctas needs num_chunks (with num_chunks=None both come from the tuned config)")
+        if isinstance(comm_ctas, bool) or not isinstance(comm_ctas, int) or comm_ctas < 0:
+            raise ValueError(f"comm_ctas must be None or an int >= 0, got {comm_ctas!r}")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError("router_logits must be a [T, E] tensor")
     E = router_logits.shape[1]
@@ -116,7 +125,8 @@ def moe_ffn_ep(
     top_k: int = 2,
     group=None,
     *,
-    num_chunks: int = 1,
+    num_chunks: int | None = None,
+    comm_ctas: int | None = None,
 ) -> torch.Tensor:
     """MoE FFN with the experts sharded over ``group`` (default: the world); same math as
     ``moe_ffn`` on one process holding all experts.
@@ -129,7 +139,11 @@ def moe_ffn_ep(
         top_k: experts per token (the same on every rank).
         group: a ``torch.distributed`` process group, or None for the default group (or for
             no distributed at all: then W = 1).
-        num_chunks: chunks of the overlap schedule; MUST be the same on every rank.
+        num_chunks: chunks of the overlap schedule; MUST be the same on every rank. None: the
+            tuned config of this GPU type (``schedule.py``; one extra all-reduce agrees on the
+            largest token count first), else the serial default.
+        comm_ctas: with ``num_chunks`` given, at most this many CTAs (SMs) for NCCL's kernels
+            (0 or None: NCCL's choice; ignored on other backends). MUST match across ranks.
 
     Returns:
         ``[T, Hd]`` in x's dtype; differentiable in x, router_logits and both local shards.
@@ -139,9 +153,13 @@ def moe_ffn_ep(
         RuntimeError when a collective fails or times out (the process group's timeout).
     """
     W, rank = _world(group)
-    _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, W)
+    _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, W)
     if W == 1:
         return moe_ffn(x, router_logits, w_gate_up_local, w_down_local, top_k)
+    if num_chunks is None:
+        config = schedule.tuned_config(x, router_logits, w_down_local, W, group)
+        num_chunks, comm_ctas = config["num_chunks"], config["comm_ctas"]
+    group = schedule.comm_group(group, comm_ctas or 0)
 
     T = x.shape[0]
     E = router_logits.shape[1]

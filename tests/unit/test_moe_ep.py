@@ -88,6 +88,8 @@ def _run_rank(fn, inp, rank, case, **kw):
 
 def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
+    if case.get("config_dir"):
+        os.environ["KWB_CONFIG_DIR"] = case["config_dir"]
     try:
         import torch.distributed as dist
 
@@ -129,6 +131,14 @@ def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
             t = time.perf_counter()
             result[f"ep{C}"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=C)
             result["time"][f"ep{C}"] = time.perf_counter() - t
+        if case.get("config_dir"):
+            from kernels.a2a_overlap import api
+
+            routed = []  # one route() per chunk: how many chunks the tuned call used
+            api.route = lambda *a, _route=api.route, **k: routed.append(1) or _route(*a, **k)
+            result["tuned"] = _run_rank(moe_ffn_ep, inp, rank, case)  # num_chunks from the file
+            result["tuned_chunks"] = len(routed)
+            result["ctas"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=3, comm_ctas=8)  # no SMs on gloo
         if case.get("ref", True):
             result["ref"] = _run_rank(moe_ffn_ep_ref, inp, rank, case)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
@@ -235,6 +245,31 @@ def test_ep_world_size_8(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
+    """num_chunks=None: every rank takes the tuned config of the LARGEST token count (rank 0
+    alone would find the T=4 bucket's 2 chunks, rank 1 the T=16 bucket's 3): the ranks agree,
+    nothing hangs, and the result is the 3-chunk schedule's, bit for bit. comm_ctas is a
+    no-op on gloo."""
+    import triton
+
+    from autotune import writer
+    from kernels.a2a_overlap import schedule
+
+    W, E = 2, 4
+    entries = [{"key": schedule.bucket_key(W, E, HD, F, T, torch.float32), "config": {"num_chunks": C, "comm_ctas": 0},
+                "median_ms": 1.0} for T, C in ((4, 2), (16, 3))]
+    writer.write_configs(schedule.KERNEL, entries, {"triton": triton.__version__, "strategy": "test"}, slug="cpu",
+                         root=tmp_path / "configs")
+    case = dict(W=W, E=E, tokens=[3, 9], top_k=2, seed=12, config_dir=str(tmp_path / "configs"))
+    results = _spawn(case, tmp_path)
+    assert [r["tuned_chunks"] for r in results] == [3, 3]
+    for key in ("tuned", "ctas"):
+        for n in ("out", "x", "logits", "w_gate_up", "w_down"):
+            assert torch.equal(_gathered(results, key)[n], _gathered(results, "ep3")[n]), (key, n)
+    _check(case, results)
+
+
+@pytest.mark.timeout(180)
 def test_ep_top1(tmp_path):
     case = dict(W=2, E=4, tokens=[6, 4], top_k=1, seed=7)
     _check(case, _spawn(case, tmp_path))
@@ -284,6 +319,10 @@ def test_bad_arguments_raise_without_group():
     wgu, wd = torch.randn(4, HD, 2 * F), torch.randn(4, F, HD)
     with pytest.raises(ValueError, match="num_chunks"):
         moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=0)
+    with pytest.raises(ValueError, match="comm_ctas needs num_chunks"):
+        moe_ffn_ep(x, logits, wgu, wd, 2, comm_ctas=8)
+    with pytest.raises(ValueError, match="comm_ctas"):
+        moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=2, comm_ctas=-1)
     with pytest.raises(ValueError, match="local experts"):
         moe_ffn_ep(x, logits, wgu[:2], wd, 2)
     with pytest.raises(ValueError, match="top_k"):

@@ -1,0 +1,70 @@
+"""The overlap schedule's tunables: how many token chunks, and how many SMs NCCL may use.
+
+A config is ``{"num_chunks": C, "comm_ctas": K}``: C chunks of the local tokens (see
+``api.py``) and, on NCCL, a communicator whose kernels use at most K CTAs (one SM each;
+``ncclConfig_t.maxCTAs``) so the experts' GEMMs keep the rest; ``K = 0`` leaves NCCL's own
+choice. Tuned per GPU type by ``python -m autotune.ep_bench`` into
+``kernels/configs/<gpu-slug>/moe_ffn_ep.json``, keyed by :func:`bucket_key`.
+
+Every rank must launch the same collectives, so every rank must pick the same config: the
+key holds only what all ranks share (world size, expert shapes, dtype) and the LARGEST token
+count of any rank (agreed by one all-reduce before the lookup), never a rank's own count.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import triton
+
+from kernels import _config
+
+KERNEL = "moe_ffn_ep"
+# Used when no tuned file applies: the plain pipeline (no chunking, NCCL's own SM count),
+# the serial schedule the issue measured as the baseline. Not a measured optimum.
+DEFAULT_CONFIG = {"num_chunks": 1, "comm_ctas": 0}
+
+
+def bucket_key(W: int, E: int, Hd: int, F: int, T_max: int, dtype: torch.dtype) -> dict:
+    """Shape bucket: world size, experts, hidden sizes, dtype, and the largest token count of
+    any rank rounded up to a power of two."""
+    return {"W": W, "E": E, "Hd": Hd, "F": F, "dtype": str(dtype).removeprefix("torch."),
+            "T": triton.next_power_of_2(max(T_max, 1))}
+
+
+def valid_config(config: dict) -> bool:
+    C, K = config.get("num_chunks"), config.get("comm_ctas")
+    return (isinstance(C, int) and not isinstance(C, bool) and C >= 1
+            and isinstance(K, int) and not isinstance(K, bool) and K >= 0)
+
+
+def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: torch.Tensor, W: int, group) -> dict:
+    """The tuned config for this call, the same on every rank: one blocking all-reduce (MAX)
+    of the ranks' token counts, then the lookup."""
+    t = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    E = router_logits.shape[1]
+    F, Hd = w_down_local.shape[1], w_down_local.shape[2]
+    key = bucket_key(W, E, Hd, F, int(t.item()), x.dtype)
+    config = _config.lookup(KERNEL, key, default=DEFAULT_CONFIG, near=("T",))
+    return config if valid_config(config) else dict(DEFAULT_CONFIG)
+
+
+def comm_group(group, comm_ctas: int):
+    """The process group the exchanges run on: ``group`` itself unless ``comm_ctas > 0`` on
+    NCCL, then a communicator over the same ranks whose kernels use at most ``comm_ctas``
+    CTAs. Created once per (group, comm_ctas) and cached; creation is collective over the
+    WORLD (``new_group``), which is why every rank must ask for the same configs in the same
+    order (the contract of ``moe_ffn_ep``)."""
+    if comm_ctas == 0 or dist.get_backend(group) != "nccl":
+        return group
+    return _nccl_group(tuple(dist.get_process_group_ranks(group or dist.group.WORLD)), comm_ctas)
+
+
+@functools.lru_cache(maxsize=None)
+def _nccl_group(ranks: tuple[int, ...], comm_ctas: int):
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.max_ctas = comm_ctas
+    options.config.min_ctas = 1  # NCCL's own default; must not exceed max_ctas
+    return dist.new_group(list(ranks), backend="nccl", pg_options=options)
