@@ -1,0 +1,294 @@
+"""Expert-parallel overlap: benchmark and tune ``moe_ffn_ep`` on all GPUs of this machine.
+
+    python -m autotune.ep_bench                          # MiniMax shapes, 4K..32K tokens per rank
+    python -m autotune.ep_bench --tokens 4096,16384 --chunks 1,2,4 --comm-ctas 0,16
+    python -m autotune.ep_bench --cpu --world 2          # gloo + interpreter, tiny: pipeline only
+
+One process per GPU (NCCL). For each token count per rank T, on the same routed inputs (E=32,
+top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank times:
+
+- ``comm``: the dispatch and the combine all-to-all of the serial schedule, nothing else;
+- ``compute``: the local experts on the rows the dispatch delivered (grouped GEMMs, SwiGLU);
+- ``serial``: ``moe_ffn_ep`` with one chunk (exchange, experts, exchange back);
+- ``chunks{C}-ctas{K}``: the overlap schedule with C chunks and NCCL limited to K CTAs
+  (K = 0: NCCL's own choice; with K = 0 this is the naive chunked overlap).
+
+A time is the median over repetitions of the slowest rank's CUDA-event time (the ranks
+all-reduce each repetition's time with MAX). Every candidate's output is checked against the
+serial schedule's (relative error <= 1e-2, bf16) before it may win. The fastest checked
+schedule per T is ``ours``; fraction of the communication hidden = (serial - ours) / comm,
+and the experts' slowdown = ours / compute - 1 when all of it is hidden.
+
+Rank 0 appends every measurement to ``<results>/moe_ffn_ep.jsonl`` (one schema,
+``profiling.results``) and writes the winners to ``<config root>/<gpu-slug>/moe_ffn_ep.json``
+keyed by ``kernels.a2a_overlap.schedule.bucket_key`` (world size, shapes, dtype, T), the file
+``moe_ffn_ep(num_chunks=None)`` reads. This is the autotuner's exhaustive strategy for a
+multi-process kernel: the single-process engine (``autotune.runner``) cannot run collectives.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+MINIMAX = {"E": 32, "Hd": 6144, "F": 9216, "top_k": 2}
+TINY = {"E": 4, "Hd": 32, "F": 16, "top_k": 2}
+TOLERANCE = 1e-2
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Timer:
+    """Per-repetition times of ``fn`` on this rank, the slowest rank's per repetition."""
+
+    def __init__(self, device: str, reps: int):
+        self.cuda, self.reps, self.device = device.startswith("cuda"), reps, device
+
+    def __call__(self, fn) -> list[float]:
+        import torch.distributed as dist
+
+        fn()  # warm-up: compiles, communicators
+        times = []
+        for _ in range(self.reps):
+            dist.barrier()
+            if self.cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        slowest = torch.tensor(times, dtype=torch.float64, device=self.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return slowest.tolist()
+
+
+def _inputs(T: int, dims: dict, rank: int, device: str, dtype: torch.dtype, W: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + rank)
+    E_l = dims["E"] // W
+    return {
+        "x": torch.randn(T, dims["Hd"], generator=g).to(device, dtype),
+        "logits": torch.randn(T, dims["E"], generator=g).to(device),
+        "w_gate_up": (torch.randn(E_l, dims["Hd"], 2 * dims["F"], generator=g) * dims["Hd"] ** -0.5).to(device, dtype),
+        "w_down": (torch.randn(E_l, dims["F"], dims["Hd"], generator=g) * dims["F"] ** -0.5).to(device, dtype),
+    }
+
+
+def _serial_parts(inp: dict, dims: dict, W: int):
+    """(comm(), compute()) closures on the serial schedule's routed rows (one chunk)."""
+    import torch.distributed as dist
+
+    from kernels.a2a_overlap.api import _experts_local
+    from kernels.a2a_overlap.exchange import start_exchange
+    from kernels.moe_gemm import route
+
+    E_l = dims["E"] // W
+    rt = route(inp["logits"], dims["top_k"])
+    send_counts = rt.counts.view(W, E_l).to(torch.int64)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts.view(-1), send_counts.contiguous().view(-1))
+    send, recv_splits = send_counts.sum(-1).tolist(), recv_counts.sum(-1).tolist()
+    xs = inp["x"][rt.row_to_token.long()]
+    recv = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
+    ids = torch.repeat_interleave(torch.arange(E_l, device=xs.device).repeat(W), recv_counts.reshape(-1))
+
+    def comm():
+        back = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
+        return start_exchange(back, recv_splits, send, None, "combine").wait()
+
+    def compute():
+        return _experts_local(recv, ids, inp["w_gate_up"], inp["w_down"])
+
+    return comm, compute
+
+
+def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: str) -> None:
+    try:
+        import torch.distributed as dist
+
+        cpu = args.cpu
+        if cpu:
+            os.environ["TRITON_INTERPRET"] = "1"
+            device, backend, dtype = "cpu", "gloo", torch.float32
+        else:
+            torch.cuda.set_device(rank)
+            device, backend, dtype = f"cuda:{rank}", "nccl", torch.bfloat16
+        kwargs = {} if cpu else {"device_id": torch.device("cuda", rank)}
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                                timeout=datetime.timedelta(seconds=args.timeout), **kwargs)
+        from autotune.worker import rel_error
+        from kernels.a2a_overlap import moe_ffn_ep
+
+        dims = TINY if cpu else MINIMAX
+        timer = _Timer(device, args.reps)
+        rows = []
+        with torch.no_grad():
+            for T in args.tokens:
+                inp = _inputs(T, dims, rank, device, dtype, W)
+                run = lambda C, K: moe_ffn_ep(inp["x"], inp["logits"], inp["w_gate_up"], inp["w_down"],  # noqa: E731
+                                              dims["top_k"], num_chunks=C, comm_ctas=K)
+                comm, compute = _serial_parts(inp, dims, W)
+                serial_out = run(1, 0)
+                rows.append({"T": T, "name": "comm", "times": timer(comm)})
+                rows.append({"T": T, "name": "compute", "times": timer(compute)})
+                rows.append({"T": T, "name": "serial", "config": {"num_chunks": 1, "comm_ctas": 0},
+                             "times": timer(lambda: run(1, 0))})
+                for C in args.chunks:
+                    for K in args.comm_ctas:
+                        if C == 1 and K == 0:
+                            continue
+                        err = torch.tensor([rel_error(run(C, K), serial_out)], dtype=torch.float64, device=device)
+                        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                        rows.append({"T": T, "name": f"chunks{C}-ctas{K}", "config": {"num_chunks": C, "comm_ctas": K},
+                                     "rel_err": err.item(), "times": timer(lambda: run(C, K))})
+                if rank == 0:
+                    print(f"T={T}: " + ", ".join(f"{r['name']} {statistics.median(r['times']):.3f} ms"
+                                                 for r in rows if r["T"] == T), flush=True)
+                del inp
+        if rank == 0:
+            torch.save({"rows": rows, "dims": dims, "dtype": str(dtype).removeprefix("torch."), "W": W,
+                        "device": device}, os.path.join(outdir, "rows.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def summarise(rows: list[dict]) -> dict[int, dict]:
+    """Per T: the medians, the fastest checked schedule (``ours``), the fraction hidden and
+    the experts' slowdown."""
+    out = {}
+    for T in sorted({r["T"] for r in rows}):
+        med = {r["name"]: statistics.median(r["times"]) for r in rows if r["T"] == T}
+        checked = [r for r in rows if r["T"] == T and "config" in r and r.get("rel_err", 0.0) <= TOLERANCE]
+        best = min(checked, key=lambda r: statistics.median(r["times"]))
+        ours = statistics.median(best["times"])
+        out[T] = {"medians": med, "best": best, "ours_ms": ours,
+                  "hidden": (med["serial"] - ours) / med["comm"] if med["comm"] > 0 else None,
+                  "expert_slowdown": ours / med["compute"] - 1.0}
+    return out
+
+
+def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
+    """Results lines for every measurement (rank 0's view: slowest rank per repetition) and
+    the winners into the config file."""
+    import numpy as np
+
+    from autotune import writer
+    from kernels.a2a_overlap import schedule
+    from profiling import Record, append_records, gpu_identity, versions
+
+    rows, dims, W = result["rows"], result["dims"], result["W"]
+    dtype = getattr(torch, result["dtype"])
+    identity = None if args.cpu else gpu_identity(0)
+    summary = summarise(rows)
+    records, entries = [], []
+    for r in rows:
+        t = np.array(r["times"])
+        shape = {"W": W, **dims, "T": r["T"]}
+        provider = "ours" if r is summary[r["T"]]["best"] else r["name"]
+        extra = {"name": r["name"], "reps": len(t), "rel_err_vs_serial": r.get("rel_err"),
+                 "timing_meaningful": not args.cpu}
+        if provider == "ours" or r["name"] == "serial":
+            extra.update(hidden_fraction=summary[r["T"]]["hidden"], expert_slowdown=summary[r["T"]]["expert_slowdown"])
+        records.append(Record(
+            kernel=schedule.KERNEL, provider=provider, mode="fwd", shape=shape, dtype=result["dtype"],
+            config=r.get("config", {}), median_ms=float(np.median(t)), p20_ms=float(np.percentile(t, 20)),
+            p80_ms=float(np.percentile(t, 80)), floor_ms=None, bytes=None, flops=None, x_name="tokens per rank",
+            x_value=r["T"], gpu={"name": identity.name, "slug": identity.slug, "driver": identity.driver} if identity else {},
+            versions=versions(), telemetry={}, extra=extra))
+    for T, s in summary.items():
+        ranked = sorted((r for r in rows if r["T"] == T and "config" in r and r.get("rel_err", 0.0) <= TOLERANCE),
+                        key=lambda r: statistics.median(r["times"]))
+        entries.append({
+            "key": schedule.bucket_key(W, dims["E"], dims["Hd"], dims["F"], T, dtype), "config": s["best"]["config"],
+            "median_ms": s["ours_ms"], "default_ms": s["medians"]["serial"], "comm_ms": s["medians"]["comm"],
+            "compute_ms": s["medians"]["compute"], "hidden_fraction": s["hidden"],
+            "runner_up": ({"config": ranked[1]["config"], "median_ms": statistics.median(ranked[1]["times"])}
+                          if len(ranked) > 1 else None),
+            "candidates_tried": len(ranked), "strategy": "exhaustive",
+        })
+    append_records(records, Path(args.results) / f"{schedule.KERNEL}.jsonl")
+    if args.cpu and args.out_dir is None:
+        print("interpreter run: timings are meaningless; no config written (give --out-dir to write one)")
+        return
+    v = versions()
+    meta = {"gpu": identity.name if identity else None, "device": "cpu (gloo, Triton interpreter)" if args.cpu else "cuda",
+            "world_size": W, "driver": v["driver"], "torch": v["torch"], "triton": v["triton"], "cuda": v["cuda"],
+            "python": v["python"], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "strategy": "exhaustive", "timing_meaningful": not args.cpu, "reps": args.reps, "wall_s": round(wall_s, 3)}
+    root = Path(args.out_dir) if args.out_dir else None
+    written = writer.write_configs(schedule.KERNEL, entries, meta, slug="cpu" if args.cpu else None, root=root)
+    print(f"wrote {len(entries)} bucket(s) to {written.path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autotune.ep_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=None, help="ranks (default: every GPU; 2 with --cpu)")
+    parser.add_argument("--tokens", type=_parse_ints, default=None, help="tokens per rank, e.g. 4096,16384")
+    parser.add_argument("--chunks", type=_parse_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--comm-ctas", type=_parse_ints, default=[0, 8, 16, 32], help="NCCL maxCTAs; 0 = NCCL's choice")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--results", default="results", help="folder for moe_ffn_ep.jsonl")
+    parser.add_argument("--out-dir", default=None, help="config root (default: $KWB_CONFIG_DIR or kernels/configs)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="process group timeout, seconds")
+    parser.add_argument("--cpu", action="store_true", help="gloo + Triton interpreter at tiny shapes (pipeline only)")
+    args = parser.parse_args(argv)
+    W = args.world or (2 if args.cpu else torch.cuda.device_count())
+    if W < 2:
+        parser.error(f"needs 2 or more ranks (found {W} GPUs); --cpu runs on gloo")
+    if not args.cpu and W > torch.cuda.device_count():
+        parser.error(f"--world {W} exceeds the {torch.cuda.device_count()} GPUs here")
+    args.tokens = args.tokens or ([3, 8] if args.cpu else [4096, 8192, 16384, 32768])
+    if args.cpu:
+        args.comm_ctas = [0]  # gloo has no SMs to limit: every K would time the same schedule
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        t0 = time.perf_counter()
+        procs = [ctx.Process(target=_rank_main, args=(r, W, port, args, outdir)) for r in range(W)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        errors = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.endswith(".err")]
+        if errors or any(p.exitcode != 0 for p in procs):
+            print("\n".join(errors) or f"exit codes {[p.exitcode for p in procs]}")
+            return 1
+        result = torch.load(os.path.join(outdir, "rows.pt"))
+    _save(result, args, time.perf_counter() - t0)
+    for T, s in summarise(result["rows"]).items():
+        m = s["medians"]
+        print(f"T={T}: comm {m['comm']:.3f} ms, compute {m['compute']:.3f}, serial {m['serial']:.3f}, "
+              f"ours {s['ours_ms']:.3f} ({s['best']['name']}): {100 * s['hidden']:.0f}% of comm hidden, "
+              f"experts {100 * s['expert_slowdown']:+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The expert-parallel benchmark/tuner (autotune.ep_bench): its arithmetic, and the whole
+pipeline on gloo + the Triton interpreter at tiny shapes (timings meaningless there)."""
+import json
+
+import pytest
+import torch
+
+from autotune import ep_bench
+from kernels import _config
+from kernels.a2a_overlap import schedule
+from profiling import read_results
+
+
+def _row(T, name, ms, config=None, rel_err=None):
+    row = {"T": T, "name": name, "times": [ms * 0.99, ms, ms * 1.01]}
+    if config is not None:
+        row["config"] = config
+    if rel_err is not None:
+        row["rel_err"] = rel_err
+    return row
+
+
+def test_summarise_hidden_fraction_and_checked_winner():
+    rows = [
+        _row(4096, "comm", 1.0), _row(4096, "compute", 10.0),
+        _row(4096, "serial", 11.8, {"num_chunks": 1, "comm_ctas": 0}),
+        _row(4096, "chunks4-ctas0", 11.6, {"num_chunks": 4, "comm_ctas": 0}, 1e-3),
+        _row(4096, "chunks4-ctas16", 10.2, {"num_chunks": 4, "comm_ctas": 16}, 1e-3),
+        _row(4096, "chunks8-ctas8", 9.0, {"num_chunks": 8, "comm_ctas": 8}, 0.5),  # fast but wrong
+    ]
+    s = ep_bench.summarise(rows)[4096]
+    assert s["best"]["name"] == "chunks4-ctas16"
+    assert s["hidden"] == pytest.approx((11.8 - 10.2) / 1.0)
+    assert s["expert_slowdown"] == pytest.approx(10.2 / 10.0 - 1)
+
+
+@pytest.mark.timeout(240)
+def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, monkeypatch):
+    results, configs = tmp_path / "results", tmp_path / "configs"
+    code = ep_bench.main(["--cpu", "--tokens", "3", "--chunks", "1,2", "--reps", "1",
+                          "--results", str(results), "--out-dir", str(configs)])
+    assert code == 0
+    records, bad = read_results(results / "moe_ffn_ep.jsonl")
+    assert not bad
+    names = sorted(r.extra["name"] for r in records)
+    assert names == ["chunks2-ctas0", "comm", "compute", "serial"]
+    assert sum(r.provider == "ours" for r in records) == 1
+    assert all(r.median_ms > 0 and r.shape["W"] == 2 for r in records)
+    data = json.loads((configs / "cpu" / "moe_ffn_ep.json").read_text())
+    assert data["meta"]["timing_meaningful"] is False and data["meta"]["world_size"] == 2
+    (entry,) = data["entries"]
+    dims = ep_bench.TINY
+    assert entry["key"] == schedule.bucket_key(2, dims["E"], dims["Hd"], dims["F"], 3, torch.float32)
+    monkeypatch.setenv("KWB_CONFIG_DIR", str(configs))
+    _config.clear_cache()
+    try:
+        assert _config.lookup(schedule.KERNEL, entry["key"], default=schedule.DEFAULT_CONFIG) == entry["config"]
+    finally:
+        _config.clear_cache()
