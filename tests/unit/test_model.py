@@ -281,3 +281,36 @@ def test_softmax_every_sets_the_pattern():
     smaller = dataclasses.replace(TINY, num_layers=6, softmax_every=3)
     assert smaller.layer_kinds == (LIGHTNING, LIGHTNING, SOFTMAX) * 2
     assert isinstance(smaller, ModelConfig)
+
+
+def test_bench_pipeline_composes_stacks_from_single_layers(tmp_path):
+    """model.bench on the interpreter (meaningless times): every record is written, the
+    stacks are composed as 7 lightning + 1 softmax and 8 softmax layers from the per-layer
+    medians, and no MFU is claimed without a measured matmul rate."""
+    from model import bench
+    from profiling import read_results
+
+    code = bench.main(["--config", "tiny", "--cpu", "--train-seq", "8", "--prefill-seq", "8", "--decode-batch", "2",
+                       "--context", "5", "--results", str(tmp_path)])
+    assert code == 0
+    train, bad = read_results(tmp_path / "model_train.jsonl")
+    assert not bad and sorted(r.provider for r in train) == ["hybrid", "softmax"]
+    hybrid, softmax = sorted(train, key=lambda r: r.provider)
+    L, S = hybrid.extra["lightning_layer_ms"], hybrid.extra["softmax_layer_ms"]
+    assert hybrid.median_ms == pytest.approx(7 * L + S) and softmax.median_ms == pytest.approx(8 * S)
+    assert hybrid.extra["mfu"] is None and hybrid.extra["timing_meaningful"] is False
+    for kernel, n in (("model_prefill", 2), ("model_decode", 2)):
+        records, bad = read_results(tmp_path / f"{kernel}.jsonl")
+        assert not bad and len(records) == n and all(r.median_ms > 0 for r in records)
+
+
+def test_layer_flops_scale_with_sequence_length():
+    """Lightning layers cost the same per token at any T; softmax layers add a T^2 term."""
+    from model import bench
+    from model.config import LIGHTNING, SOFTMAX
+
+    config = get_config("bench")
+    assert bench.layer_flops(config, LIGHTNING, 8192) == 2 * bench.layer_flops(config, LIGHTNING, 4096)
+    growth = bench.layer_flops(config, SOFTMAX, 8192) - 2 * bench.layer_flops(config, SOFTMAX, 4096)
+    H, D = config.num_heads, config.head_dim
+    assert growth == 2 * H * D * (8192**2 - 2 * 4096**2)
