@@ -43,7 +43,11 @@ def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: tor
     """The tuned config for this call, the same on every rank: one blocking all-reduce (MAX)
     of the ranks' token counts, then the lookup."""
     t = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as exc:
+        raise RuntimeError(f"moe_ffn_ep: agreeing on the tuned config (all-reduce of token counts) failed or "
+                           f"timed out on rank {dist.get_rank(group)}: {exc}") from exc
     E = router_logits.shape[1]
     F, Hd = w_down_local.shape[1], w_down_local.shape[2]
     key = bucket_key(W, E, Hd, F, int(t.item()), x.dtype)
