@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.helpers import TOLERANCE, assert_close
+from tests.ranks import spawn_ranks
 
 pytestmark = pytest.mark.gpu
 HD, F, E = 1024, 1536, 32
@@ -30,12 +28,6 @@ NAMES = ("x", "logits", "w_gate_up", "w_down")
 
 def _world() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(case: dict, device: str) -> dict:
@@ -89,24 +81,7 @@ def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
 
 
 def _spawn(case: dict, outdir) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, case, str(outdir)), daemon=True) for r in range(case["W"])]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + WALL_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    errors = {r: open(os.path.join(outdir, f"rank{r}.err")).read()
-              for r in range(case["W"]) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))}
-    assert not hung, f"ranks {hung} still running after {WALL_S} s (killed); errors: {errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}; errors: {errors}"
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(case["W"])]
+    return spawn_ranks(_worker, case, outdir, WALL_S)
 
 
 def _cases(W: int) -> dict:

@@ -11,29 +11,22 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import assert_close  # noqa: E402
+from tests.ranks import spawn_ranks  # noqa: E402
 
 HD, F = 32, 16
 WALL_S = 150  # per spawned test; gloo's own timeout is 60 s
 TOL = 1e-5
 CHUNKS = (1, 3)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(case: dict) -> dict:
@@ -150,24 +143,7 @@ def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
 
 
 def _spawn(case: dict, outdir) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, case, str(outdir)), daemon=True) for r in range(case["W"])]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + WALL_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    errors = {r: open(os.path.join(outdir, f"rank{r}.err")).read()
-              for r in range(case["W"]) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))}
-    assert not hung, f"ranks {hung} still running after {WALL_S} s (killed); errors: {errors}"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}; errors: {errors}"
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(case["W"])]
+    return spawn_ranks(_worker, case, outdir, WALL_S)
 
 
 def _single_process(case: dict):

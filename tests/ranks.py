@@ -1,0 +1,43 @@
+"""Spawning one process per rank for the distributed tests, with a wall-clock limit.
+
+A worker ``fn(rank, port, case, outdir)`` saves its result to ``<outdir>/rank<r>.pt`` and, on
+any exception, writes the traceback to ``<outdir>/rank<r>.err`` before re-raising; the parent
+kills ranks still running at the limit and fails with every rank's error.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(fn: Callable, case: dict, outdir, wall_s: float) -> list[dict]:
+    """Run ``fn`` on ``case["W"]`` spawned ranks; their saved results, by rank."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=fn, args=(r, port, case, str(outdir)), daemon=True) for r in range(case["W"])]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + wall_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = {r: open(os.path.join(outdir, f"rank{r}.err")).read()
+              for r in range(case["W"]) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))}
+    assert not hung, f"ranks {hung} still running after {wall_s} s (killed); errors: {errors}"
+    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}; errors: {errors}"
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(case["W"])]
