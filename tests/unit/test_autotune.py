@@ -51,12 +51,13 @@ def fake_inputs(shape, device):
 
 
 def fake_run(x, config):
-    """Sleeps 0.5 ms per step away from BEST, so wall-clock timing has a clear winner."""
+    """Sleeps 3 ms per step away from BEST, so wall-clock timing has a clear winner even on a
+    busy 2-core machine (0.5 ms steps were misranked once under load)."""
     if config == WRONG:
         return x * 2
     if config == RAISES:
         raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
-    time.sleep(0.0005 * (abs(math.log2(config["BLOCK"]) - 3) + config["SPLIT"] - 1))
+    time.sleep(0.003 * (abs(math.log2(config["BLOCK"]) - 3) + config["SPLIT"] - 1))
     return x.clone()
 
 
@@ -178,7 +179,7 @@ def results_by_config(bucket) -> dict:
 
 
 def test_wrong_candidate_rejected_and_failing_candidate_skipped():
-    tuner = Tuner(FAKE, device="cpu", isolate=False, rep_ms=2)
+    tuner = Tuner(FAKE, device="cpu", isolate=False, rep_ms=10)
     run = tuner.tune(plan(FAKE, [{"N": 64}]), strategies.STRATEGIES["exhaustive"])
     (bucket,) = run.buckets
     by_config = results_by_config(bucket)
@@ -197,7 +198,7 @@ def test_wrong_candidate_rejected_and_failing_candidate_skipped():
 
 
 def test_crashing_and_hanging_candidates_restart_the_worker():
-    tuner = Tuner(FAKE_CRASHY, device="cpu", isolate=True, rep_ms=2, timeout_s=3)
+    tuner = Tuner(FAKE_CRASHY, device="cpu", isolate=True, rep_ms=10, timeout_s=3)
     run = tuner.tune(plan(FAKE_CRASHY, [{"N": 64}]), strategies.STRATEGIES["exhaustive"])
     (bucket,) = run.buckets
     by_config = results_by_config(bucket)
