@@ -271,21 +271,7 @@ def info(
 
     for name in registry.names():
         t = registry.get(name)
-        found = _config.read_config_file(_config.config_path(name))
-        style = {"ok": "green", "missing": "yellow"}.get(found.status, "red")
-        console.rule(name)
-        console.print(f"file: {found.path} [{style}]{found.status}[/] {found.problem}", soft_wrap=True)
-        if found.data is not None:
-            meta = found.data.get("meta", {})
-            console.print(
-                "tuned: " + ", ".join(f"{k} {meta.get(k)}" for k in ("date", "gpu", "triton", "strategy", "timing_meaningful"))
-            )
-        entries = Table(title=f"{len(found.entries)} bucket(s) in the file")
-        for column in ("bucket", "config", "median ms", "default ms"):
-            entries.add_column(column)
-        for e in found.entries:
-            entries.add_row(_label(e["key"]), _label(e["config"]), str(e.get("median_ms", "-")), str(e.get("default_ms", "-")))
-        console.print(entries)
+        _print_config_file(console, name)
         used = Table(title="config used at run time, per shape of each shape set")
         for column in ("set", "shape", "bucket", "config"):
             used.add_column(column)
@@ -297,6 +283,29 @@ def info(
                     config = _config.lookup(name, key, default=t.default_config(shape), near=t.near)
                     used.add_row(set_name, shape_label(shape), _label(key), _label(config))
         console.print(used)
+    _print_config_file(console, "moe_ffn_ep", "tuned by `python -m autotune.ep_bench` on a multi-GPU machine")
+
+
+def _print_config_file(console: Console, kernel: str, how: str = "") -> None:
+    """A kernel's config file for this GPU: path, status, tuning metadata and its buckets."""
+    from kernels import _config
+
+    found = _config.read_config_file(_config.config_path(kernel))
+    style = {"ok": "green", "missing": "yellow"}.get(found.status, "red")
+    console.rule(kernel)
+    console.print(f"file: {found.path} [{style}]{found.status}[/] {found.problem}" + (f" ({how})" if how else ""),
+                  soft_wrap=True)
+    if found.data is not None:
+        meta = found.data.get("meta", {})
+        console.print(
+            "tuned: " + ", ".join(f"{k} {meta.get(k)}" for k in ("date", "gpu", "triton", "strategy", "timing_meaningful"))
+        )
+    entries = Table(title=f"{len(found.entries)} bucket(s) in the file")
+    for column in ("bucket", "config", "median ms", "default ms"):
+        entries.add_column(column)
+    for e in found.entries:
+        entries.add_row(_label(e["key"]), _label(e["config"]), str(e.get("median_ms", "-")), str(e.get("default_ms", "-")))
+    console.print(entries)
 
 
 def _model_plan(name: str, batch: int, seq_len: int, backward: bool) -> None:
