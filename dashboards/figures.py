@@ -27,6 +27,11 @@ _PALETTE = [c for c in qualitative.Plotly if c.upper() != "#EF553B"]  # red is o
 _STRATEGY_COLORS = {"exhaustive": "#636EFA", "local": "#FFA15A", "halving": "#00CC96"}
 THROTTLED_COLOR = "#ff0000"
 
+# 1-2-5 ticks on log axes, labelled with their full value (plotly's dtick="D2" labels the
+# minor ticks with a bare leading digit: "5" for 500); ticks outside the axis range are not drawn
+_LADDER = [m * 10.0**e for e in range(-4, 6) for m in (1, 2, 5)]
+LOG_TICKS = {"tickvals": _LADDER, "ticktext": [f"{v:g}" for v in _LADDER]}
+
 
 def provider_color(provider: str, providers: Sequence[str]) -> str:
     """Ours in red, each peer a fixed palette colour by its rank among ``providers``."""
@@ -161,8 +166,8 @@ def roofline(records: Sequence[Record], ceilings: Mapping[str, dict] = CEILINGS)
     fig = go.Figure()
     fig.update_layout(
         template=TEMPLATE, height=520, margin=dict(t=110),
-        xaxis=dict(type="log", dtick="D2", title="arithmetic intensity (FLOP/byte)"),
-        yaxis=dict(type="log", dtick="D2", title="achieved TFLOP/s"),
+        xaxis=dict(type="log", **LOG_TICKS, title="arithmetic intensity (FLOP/byte)"),
+        yaxis=dict(type="log", **LOG_TICKS, title="achieved TFLOP/s"),
         legend=dict(title="provider / ceiling"),
     )
     return _assemble(fig, views, menu_label="kernel · dtype · GPU")
@@ -226,8 +231,8 @@ def speedup_and_floor(records: Sequence[Record], ceilings: Mapping[str, dict] = 
     ))
     fig.update_layout(template=TEMPLATE, height=720, margin=dict(t=110), legend=dict(groupclick="toggleitem"))
     fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log", dtick="D2", title_text="speed-up (x)", row=1, col=1)
-    fig.update_yaxes(type="log", dtick="D2", title_text="time / floor", row=2, col=1)
+    fig.update_yaxes(type="log", **LOG_TICKS, title_text="speed-up (x)", row=1, col=1)
+    fig.update_yaxes(type="log", **LOG_TICKS, title_text="time / floor", row=2, col=1)
     for row in (1, 2):
         fig.add_hline(y=1, line=dict(color="#888", dash="dash", width=1), row=row, col=1)
     return _assemble(fig, views, subplots=True, menu_label="kernel · dtype · GPU")
