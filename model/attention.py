@@ -97,8 +97,9 @@ class SoftmaxAttention(nn.Module):
         """x ``[B, T, hidden]`` -> ``[B, T, hidden]``.
 
         Without a cache x holds positions ``0 .. T-1``. With one, x follows the S cached tokens
-        (positions ``S .. S+T-1``), its keys and values are appended to the cache and its
-        queries attend to every cached token.
+        (positions ``S .. S+T-1``), its keys and values are appended to the cache in place
+        (``KVCache.append``: no copy of the cache per step) and its queries attend to every
+        cached token; with autograd on, the new keys and values stay in the graph.
         """
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.key.shape[1]
@@ -108,8 +109,14 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         mask = None
         if cache is not None:
-            k, v = torch.cat([cache.key, k], dim=1), torch.cat([cache.value, v], dim=1)  # [B, S+T, kv heads, head_dim]
-            cache.key, cache.value = k.detach(), v.detach()
+            cached_k, cached_v = cache.key, cache.value  # [B, S, kv heads, head_dim]
+            cache.append(k.detach(), v.detach())
+            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+                # the new tokens' keys and values must stay in the graph
+                k, v = torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1)
+            else:
+                k, v = cache.key, cache.value  # views of the cache's buffers: no copy
+            # k, v: [B, S+T, kv heads, head_dim]
             # query i (position offset + i) sees keys 0 .. offset + i. SDPA's is_causal aligns
             # queries and keys at the start, which is right only when nothing precedes x.
             mask = torch.arange(offset + T, device=x.device) <= positions[:, None]  # [T, S+T]

@@ -16,8 +16,9 @@ What is measured, and how the stacks are composed:
   (SDPA, causal), T doubling up to ``--prefill-max`` or the first out-of-memory.
 - ``decode``: one token through the attention sublayer at batch B after a context of C tokens:
   lightning (the in-place decode step on the fp32 state) vs softmax over a preallocated KV
-  cache of C + 1 slots (the new token's key and value written into its slot; the model's own
-  KV cache appends by concatenation, which would charge softmax a copy of the cache per step).
+  cache of C + 1 slots (the new token's key and value written into its slot, then SDPA over
+  all of them, no mask: the same work as the model's ``KVCache.append`` path without the
+  buffer doubling).
 
 Results: ``<results>/model_train.jsonl``, ``model_prefill.jsonl``, ``model_decode.jsonl`` (one
 schema, ``profiling.results``), each line with the composition in ``extra``.

@@ -7,11 +7,13 @@ each forward that is given it and carries no gradient.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.config import LIGHTNING, SOFTMAX, ModelConfig
+
+MIN_CAPACITY = 16  # token slots of a KV cache's first buffer
 
 
 @dataclass
@@ -23,10 +25,32 @@ class LightningState:
 
 @dataclass
 class KVCache:
-    """A softmax layer's keys (rotary applied) and values: ``[B, S, num_kv_heads, head_dim]``."""
+    """A softmax layer's keys (rotary applied) and values: ``[B, S, num_kv_heads, head_dim]``.
+
+    ``key`` and ``value`` are views of the first S slots of buffers with room to spare;
+    :meth:`append` writes new tokens into the spare slots and doubles the buffers when they
+    are full, so a decode step costs O(1) amortised copies, not a copy of the whole cache.
+    """
 
     key: torch.Tensor
     value: torch.Tensor
+    _key_buf: torch.Tensor | None = field(default=None, repr=False)
+    _value_buf: torch.Tensor | None = field(default=None, repr=False)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add ``[B, T, num_kv_heads, head_dim]`` keys and values after the S cached ones."""
+        S, need = self.key.shape[1], self.key.shape[1] + key.shape[1]
+        if self._key_buf is None or self._key_buf.shape[1] < need:
+            capacity = max(need, 2 * (0 if self._key_buf is None else self._key_buf.shape[1]), MIN_CAPACITY)
+            bufs = []
+            for old in (self.key, self.value):
+                buf = old.new_empty(old.shape[0], capacity, *old.shape[2:])
+                buf[:, :S] = old
+                bufs.append(buf)
+            self._key_buf, self._value_buf = bufs
+        self._key_buf[:, S:need] = key
+        self._value_buf[:, S:need] = value
+        self.key, self.value = self._key_buf[:, :need], self._value_buf[:, :need]
 
 
 @dataclass

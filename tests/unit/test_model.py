@@ -314,3 +314,36 @@ def test_layer_flops_scale_with_sequence_length():
     growth = bench.layer_flops(config, SOFTMAX, 8192) - 2 * bench.layer_flops(config, SOFTMAX, 4096)
     H, D = config.num_heads, config.head_dim
     assert growth == 2 * H * D * (8192**2 - 2 * 4096**2)
+
+
+def test_kv_cache_append_grows_in_place_and_keeps_every_token():
+    """Appends write into spare slots; the buffers double when full (O(log n) reallocations
+    for n tokens), and the views always hold exactly the tokens appended, in order."""
+    from model.cache import KVCache
+
+    B, KV, D = 2, 3, 4
+    empty = torch.zeros(B, 0, KV, D)
+    cache = KVCache(empty, empty)
+    pieces, buffers = [], set()
+    for T in [5, 1, 1, 20, 1, 1, 1, 40]:
+        k, v = torch.randn(B, T, KV, D), torch.randn(B, T, KV, D)
+        cache.append(k, v)
+        pieces.append((k, v))
+        buffers.add(cache._key_buf.data_ptr())
+        assert cache.key.data_ptr() == cache._key_buf.data_ptr()  # a view, not a copy
+    assert torch.equal(cache.key, torch.cat([k for k, _ in pieces], dim=1))
+    assert torch.equal(cache.value, torch.cat([v for _, v in pieces], dim=1))
+    assert len(buffers) <= 4  # 16 -> 32 -> 64 -> 128 slots for 70 tokens
+
+
+def test_cached_chunk_keeps_new_keys_in_the_graph(device):
+    """With autograd on, a chunk that continues from a cache backpropagates into the softmax
+    layer's key and value projections through its own tokens (the cache itself is detached)."""
+    m = random_model("reference", device)
+    ids = random_ids(1, 6, device)
+    _, cache = m(ids[:, :3], use_cache=True)
+    logits, _ = m(ids[:, 3:], cache=cache, use_cache=True)
+    logits.square().sum().backward()
+    softmax_layer = next(layer for layer in m.layers if layer.kind == SOFTMAX)
+    for proj in (softmax_layer.attn.k_proj, softmax_layer.attn.v_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
