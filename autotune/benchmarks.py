@@ -13,7 +13,6 @@ a one-token sequence with the same state, vs a plain copy of the state (the copy
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from autotune.lightning import reference_bwd
 from kernels import _config
 from kernels.lightning_attn import backward, decode, forward, lightning_attn, lightning_decode, minimax_slopes
-from profiling import Record, TelemetrySampler, append_records, bench, make_rotation, record_from_timing
+from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
 from reference.lightning_attn import lightning_attn_chunked_ref, lightning_decode_ref
 
 LIGHTNING_SHAPES = [
@@ -80,13 +79,8 @@ LIGHTNING_PROVIDERS = {"ours": _ours_fwd, "fla": _fla_fwd, "sdpa": _sdpa_fwd}
 
 
 def kernel_source_hash(*modules) -> str:
-    """Identifies the kernel version a number was measured with (the tree travels without .git)."""
-    import hashlib
-
-    digest = hashlib.sha1()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:12]
+    """The sources of the kernel modules a number was measured with, as one short hash."""
+    return source_hash(*(m.__file__ for m in modules))
 
 
 class LightningCase:
@@ -252,10 +246,3 @@ def decode_bytes(shape: dict, itemsize: int = 2) -> int:
     """The fp32 state read and written once, plus the token's q, k, v, o."""
     B, H, D, E = (shape[k] for k in "BHDE")
     return 8 * B * H * D * E + itemsize * B * H * (2 * D + 2 * E)
-
-
-def save(records: list[Record], results_dir: str | Path = "results") -> Path:
-    """Append to ``<results_dir>/<kernel>.jsonl``; returns the file."""
-    path = Path(results_dir) / f"{records[0].kernel}.jsonl"
-    append_records(records, path)
-    return path

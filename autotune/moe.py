@@ -28,7 +28,6 @@ weights), so ``TFLOP/s = 2 * M * K * N / (median_ms * 1e-3) / 1e12``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 from typing import Callable
@@ -51,7 +50,7 @@ from kernels.moe_gemm.grouped_gemm import (
     valid_dw_config,
 )
 from kernels.moe_gemm import moe_ffn, route
-from profiling import Record, TelemetrySampler, append_records, bench, make_rotation, record_from_timing
+from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
 from reference.moe import grouped_gemm_dw_ref, grouped_gemm_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -335,11 +334,9 @@ def tflop_s(flops: int, median_ms: float) -> float:
 
 
 def kernel_source_hash() -> str:
-    """Identifies the kernel version a number was measured with (the tree travels without .git)."""
-    digest = hashlib.sha1()
-    for path in sorted(Path(importlib.import_module("kernels.moe_gemm.grouped_gemm").__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    """The grouped GEMM package's sources, as one short hash (see ``profiling.source_hash``)."""
+    package = Path(importlib.import_module("kernels.moe_gemm.grouped_gemm").__file__).parent
+    return source_hash(*sorted(package.glob("*.py")))
 
 
 def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
@@ -509,10 +506,3 @@ class MoeFfnCase:
             dtype=str(self.dtype).removeprefix("torch."), config={}, x_name="tokens", x_value=T,
             bytes=nbytes, flops=self.flops(), telemetry=sampler.summary(), extra=dict(self.extra),
         )
-
-
-def save(records: list[Record], results_dir: str | Path = "results") -> Path:
-    """Append to ``<results_dir>/<kernel>.jsonl``; returns the file."""
-    path = Path(results_dir) / f"{records[0].kernel}.jsonl"
-    append_records(records, path)
-    return path

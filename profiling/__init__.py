@@ -11,6 +11,8 @@ from profiling.results import (
     append_records,
     read_results,
     record_from_timing,
+    save_records,
+    source_hash,
 )
 from profiling.timer import Timing, bench, bench_fixed, make_rotation
 
@@ -32,7 +34,9 @@ __all__ = [
     "measure_ceilings",
     "read_results",
     "record_from_timing",
+    "save_records",
     "slugify",
+    "source_hash",
     "telemetry",
     "versions",
 ]

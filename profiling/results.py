@@ -16,6 +16,7 @@ Every field is present in a stored line; changing the fields means bumping ``SCH
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -151,6 +152,25 @@ def append_records(records: Iterable[Record], path: str | Path) -> int:
     finally:
         os.close(fd)
     return len(lines)
+
+
+def save_records(records: list[Record], results_dir: str | Path = "results") -> Path:
+    """Append ``records`` (all of one kernel) to ``<results_dir>/<kernel>.jsonl``; returns the file."""
+    kernels = {r.kernel for r in records}
+    if len(kernels) != 1:
+        raise ValueError(f"save_records takes the records of one kernel, got {sorted(kernels)}")
+    path = Path(results_dir) / f"{kernels.pop()}.jsonl"
+    append_records(records, path)
+    return path
+
+
+def source_hash(*files: str | Path) -> str:
+    """12 hex digits identifying the kernel sources a number was measured with (the device
+    machine gets the tree without .git, so a commit id is not available there)."""
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def read_results(path: str | Path) -> tuple[list[Record], list[str]]:

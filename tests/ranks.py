@@ -1,14 +1,16 @@
 """Spawning one process per rank for the distributed tests, with a wall-clock limit.
 
-A worker ``fn(rank, port, case, outdir)`` saves its result to ``<outdir>/rank<r>.pt`` and, on
-any exception, writes the traceback to ``<outdir>/rank<r>.err`` before re-raising; the parent
-kills ranks still running at the limit and fails with every rank's error.
+A worker ``fn(rank, port, case) -> dict`` runs in its own process; :func:`spawn_ranks` saves
+what it returns to ``<outdir>/rank<r>.pt`` and, on any exception, the traceback to
+``<outdir>/rank<r>.err``; the parent kills ranks still running at the limit and fails with
+every rank's error.
 """
 from __future__ import annotations
 
 import os
 import socket
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -21,11 +23,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(fn: Callable, case: dict, outdir, wall_s: float) -> list[dict]:
-    """Run ``fn`` on ``case["W"]`` spawned ranks; their saved results, by rank."""
+def _rank_main(fn: Callable, rank: int, port: int, case: dict, outdir: str) -> None:
+    try:
+        torch.save(fn(rank, port, case), os.path.join(outdir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def spawn_ranks(fn: Callable[[int, int, dict], dict], case: dict, outdir, wall_s: float) -> list[dict]:
+    """Run ``fn(rank, port, case)`` on ``case["W"]`` spawned ranks; their results, by rank."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=fn, args=(r, port, case, str(outdir)), daemon=True) for r in range(case["W"])]
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, port, case, str(outdir)), daemon=True)
+             for r in range(case["W"])]
     for p in procs:
         p.start()
     deadline = time.monotonic() + wall_s

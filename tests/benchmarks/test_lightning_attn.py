@@ -14,8 +14,9 @@ import torch
 
 from autotune.benchmarks import (
     DECODE_PROVIDERS, DECODE_SHAPES, LIGHTNING_MODES, LIGHTNING_PROVIDERS, LIGHTNING_SHAPES, DecodeCase, LightningCase,
-    save, shape_id,
+    shape_id,
 )
+from profiling import save_records
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +27,7 @@ def _record(benchmark, case) -> None:
     record = case.measure()
     err = record.extra.get("rel_err_vs_ref")
     assert err is None or err < 1e-2, f"{case.provider} disagrees with the float64 reference: {err:.3e}"
-    save([record], os.environ.get("KWB_RESULTS_DIR", "results"))
+    save_records([record], os.environ.get("KWB_RESULTS_DIR", "results"))
     benchmark.extra_info.update(median_ms=record.median_ms, p20_ms=record.p20_ms, p80_ms=record.p80_ms,
                                 floor_ms=record.floor_ms, x_floor=record.median_ms / record.floor_ms,
                                 host_ms=record.extra.get("host_ms"))

@@ -20,7 +20,8 @@ import os
 import pytest
 import torch
 
-from autotune.moe import BENCH_SHAPES, MODES, MOE_FFN_BENCH_SHAPES, PROVIDERS, GroupedGemmCase, MoeFfnCase, save, shape_id
+from autotune.moe import BENCH_SHAPES, MODES, MOE_FFN_BENCH_SHAPES, PROVIDERS, GroupedGemmCase, MoeFfnCase, shape_id
+from profiling import save_records
 
 pytestmark = pytest.mark.gpu
 
@@ -52,7 +53,7 @@ def test_grouped_gemm(benchmark, shape, mode, provider):
         pytest.skip(f"torch._grouped_mm refused this {mode} layout: {exc}")  # shown by -ra, never silent
     err = record.extra.get("rel_err_vs_ref")
     assert err is None or err < 1e-2, f"{provider} {mode} disagrees with the float32 reference: {err:.3e}"
-    save([record], _results_dir())
+    save_records([record], _results_dir())
     benchmark.extra_info.update(median_ms=record.median_ms, p20_ms=record.p20_ms, p80_ms=record.p80_ms,
                                 tflop_s=record.extra["tflop_s"], floor_ms=record.floor_ms)
     _pedantic(benchmark, case.call)
@@ -63,7 +64,7 @@ def test_grouped_gemm(benchmark, shape, mode, provider):
 def test_moe_ffn_forward(benchmark, shape, provider):
     case = MoeFfnCase(shape, provider)
     record = case.measure()
-    save([record], _results_dir())
+    save_records([record], _results_dir())
     benchmark.extra_info.update(median_ms=record.median_ms, p20_ms=record.p20_ms, p80_ms=record.p80_ms,
                                 tflop_s=record.extra["tflop_s"])
     _pedantic(benchmark, case.call)

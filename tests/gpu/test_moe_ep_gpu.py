@@ -10,8 +10,6 @@ chosen (that rank receives nothing). A child that hangs is killed at the wall li
 from __future__ import annotations
 
 import datetime
-import os
-import traceback
 
 import pytest
 import torch
@@ -53,31 +51,26 @@ def _grads(fn, leaves, dout, *args, **kw):
     return {"out": out.detach().cpu()} | {n: t.grad.cpu() for n, t in zip(NAMES, leaves)}
 
 
-def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
-    try:
-        import torch.distributed as dist
+def _worker(rank: int, port: int, case: dict) -> dict:
+    import torch.distributed as dist
 
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
-                                timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank))
-        from kernels.a2a_overlap import moe_ffn_ep
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
+                            timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank))
+    from kernels.a2a_overlap import moe_ffn_ep
 
-        inp = _inputs(case, f"cuda:{rank}")
-        E_l = E // case["W"]
-        t0 = sum(case["tokens"][:rank])
-        t1 = t0 + case["tokens"][rank]
-        leaves = [inp["x"][t0:t1], inp["logits"][t0:t1], inp["w_gate_up"][rank * E_l:(rank + 1) * E_l],
-                  inp["w_down"][rank * E_l:(rank + 1) * E_l]]
-        result = {}
-        for C in (1, 4):
-            result[f"ep{C}"] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=C)
-        torch.cuda.synchronize()
-        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    inp = _inputs(case, f"cuda:{rank}")
+    E_l = E // case["W"]
+    t0 = sum(case["tokens"][:rank])
+    t1 = t0 + case["tokens"][rank]
+    leaves = [inp["x"][t0:t1], inp["logits"][t0:t1], inp["w_gate_up"][rank * E_l:(rank + 1) * E_l],
+              inp["w_down"][rank * E_l:(rank + 1) * E_l]]
+    result = {}
+    for C in (1, 4):
+        result[f"ep{C}"] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=C)
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+    return result
 
 
 def _spawn(case: dict, outdir) -> list[dict]:

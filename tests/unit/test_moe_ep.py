@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import time
-import traceback
 
 import pytest
 import torch
@@ -79,67 +78,61 @@ def _run_rank(fn, inp, rank, case, **kw):
     return {"out": out.detach()} | grads
 
 
-def _worker(rank: int, port: int, case: dict, outdir: str) -> None:
+def _worker(rank: int, port: int, case: dict) -> dict:
     os.environ["TRITON_INTERPRET"] = "1"
     if case.get("config_dir"):
         os.environ["KWB_CONFIG_DIR"] = case["config_dir"]
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        torch.empty = _nan_empty_factory()  # unwritten outputs fail the comparison
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
-            timeout=datetime.timedelta(seconds=case.get("pg_timeout_s", 60)),
-        )
-        from kernels.a2a_overlap import moe_ffn_ep
-        from reference.moe_ep import moe_ffn_ep_ref
+    torch.empty = _nan_empty_factory()  # unwritten outputs fail the comparison
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
+        timeout=datetime.timedelta(seconds=case.get("pg_timeout_s", 60)),
+    )
+    from kernels.a2a_overlap import moe_ffn_ep
+    from reference.moe_ep import moe_ffn_ep_ref
 
-        result = {"time": {}}
-        if case.get("hang_rank") is not None:
-            # one rank never joins the exchange: the other ranks must fail with a clear
-            # error after the process group's timeout, not hang
-            inp = _inputs(case)
-            if rank == case["hang_rank"]:
-                time.sleep(case["pg_timeout_s"] * 2)
-            else:
-                t = time.perf_counter()
-                try:
-                    _run_rank(moe_ffn_ep, inp, rank, case)
-                except RuntimeError as exc:
-                    result["error"] = str(exc)
-                result["time"]["fail"] = time.perf_counter() - t
-            torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-            return
-        if case.get("bad_E"):
-            # W does not divide E: every rank raises before any collective ...
-            E_bad = case["bad_E"]
-            try:
-                moe_ffn_ep(torch.randn(3, HD), torch.randn(3, E_bad), torch.randn(1, HD, 2 * F),
-                           torch.randn(1, F, HD), 2)
-            except ValueError as exc:
-                result["error"] = str(exc)
+    result = {"time": {}}
+    if case.get("hang_rank") is not None:
+        # one rank never joins the exchange: the other ranks must fail with a clear
+        # error after the process group's timeout, not hang
         inp = _inputs(case)
-        # ... so the collectives that follow still pair up
-        for C in case.get("chunks", CHUNKS):
+        if rank == case["hang_rank"]:
+            time.sleep(case["pg_timeout_s"] * 2)
+        else:
             t = time.perf_counter()
-            result[f"ep{C}"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=C)
-            result["time"][f"ep{C}"] = time.perf_counter() - t
-        if case.get("config_dir"):
-            from kernels.a2a_overlap import api
+            try:
+                _run_rank(moe_ffn_ep, inp, rank, case)
+            except RuntimeError as exc:
+                result["error"] = str(exc)
+            result["time"]["fail"] = time.perf_counter() - t
+        return result
+    if case.get("bad_E"):
+        # W does not divide E: every rank raises before any collective ...
+        E_bad = case["bad_E"]
+        try:
+            moe_ffn_ep(torch.randn(3, HD), torch.randn(3, E_bad), torch.randn(1, HD, 2 * F),
+                       torch.randn(1, F, HD), 2)
+        except ValueError as exc:
+            result["error"] = str(exc)
+    inp = _inputs(case)
+    # ... so the collectives that follow still pair up
+    for C in case.get("chunks", CHUNKS):
+        t = time.perf_counter()
+        result[f"ep{C}"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=C)
+        result["time"][f"ep{C}"] = time.perf_counter() - t
+    if case.get("config_dir"):
+        from kernels.a2a_overlap import api
 
-            routed = []  # one route() per chunk: how many chunks the tuned call used
-            api.route = lambda *a, _route=api.route, **k: routed.append(1) or _route(*a, **k)
-            result["tuned"] = _run_rank(moe_ffn_ep, inp, rank, case)  # num_chunks from the file
-            result["tuned_chunks"] = len(routed)
-            result["ctas"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=3, comm_ctas=8)  # no SMs on gloo
-        if case.get("ref", True):
-            result["ref"] = _run_rank(moe_ffn_ep_ref, inp, rank, case)
-        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        routed = []  # one route() per chunk: how many chunks the tuned call used
+        api.route = lambda *a, _route=api.route, **k: routed.append(1) or _route(*a, **k)
+        result["tuned"] = _run_rank(moe_ffn_ep, inp, rank, case)  # num_chunks from the file
+        result["tuned_chunks"] = len(routed)
+        result["ctas"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=3, comm_ctas=8)  # no SMs on gloo
+    if case.get("ref", True):
+        result["ref"] = _run_rank(moe_ffn_ep_ref, inp, rank, case)
+    dist.destroy_process_group()
+    return result
 
 
 def _spawn(case: dict, outdir) -> list[dict]:

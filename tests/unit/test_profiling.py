@@ -234,3 +234,28 @@ def test_bench_times_a_matmul() -> None:
     assert seen == list(range(len(seen)))  # indices keep counting through warm-up and timing
     fixed = bench_fixed(lambda i: sets[0] @ sets[1], warmup=3, iters=7)
     assert fixed.n == 7 and fixed.spread >= 0
+
+
+
+def test_save_records_appends_to_the_kernels_file_and_refuses_mixed_kernels(tmp_path):
+    from profiling import read_results, save_records
+
+    path = save_records([make_record(), make_record(median_ms=2.0)], tmp_path)
+    assert path == tmp_path / "lightning_attn_fwd.jsonl"
+    save_records([make_record(median_ms=3.0)], tmp_path)
+    records, bad = read_results(path)
+    assert not bad and [r.median_ms for r in records] == [1.25, 2.0, 3.0]
+    with pytest.raises(ValueError, match="one kernel"):
+        save_records([make_record(), make_record(kernel="other")], tmp_path)
+
+
+def test_source_hash_changes_with_the_source(tmp_path):
+    from profiling import source_hash
+
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    first = source_hash(a, b)
+    assert len(first) == 12 and source_hash(a, b) == first
+    a.write_text("x = 2\n")
+    assert source_hash(a, b) != first
