@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from autotune.tunable import Config, Shape, Tunable, parse_assignments, register
+from autotune.tunable import Config, Shape, Tunable, parse_shape_text, register
 from kernels.lightning_attn import backward, forward, minimax_slopes
 from reference.lightning_attn import lightning_attn_chunked_ref
 
@@ -121,21 +121,8 @@ def default_config(shape: Shape) -> Config:
 
 def parse_shape(text: str) -> Shape:
     """``"T=4096,H=64,D=128"`` -> a full shape; B=1, E=D and dtype=bf16 unless given."""
-    given = parse_assignments(text)
-    unknown = sorted(set(given) - set(_SHAPE_FIELDS))
-    missing = [n for n in ("T", "H", "D") if n not in given]
-    if unknown or missing:
-        raise ValueError(
-            f"lightning shape {text!r}: fields are {', '.join(_SHAPE_FIELDS)} with T, H, D required"
-            f" (unknown: {unknown or 'none'}, missing: {missing or 'none'})"
-        )
-    shape = {"B": 1, **given, "E": given.get("E", given["D"]), "dtype": given.get("dtype", "bf16")}
-    if shape["dtype"] not in DTYPES:
-        raise ValueError(f"lightning shape {text!r}: dtype must be one of {', '.join(DTYPES)}, got {shape['dtype']!r}")
-    for name in ("B", "T", "H", "D", "E"):
-        if not isinstance(shape[name], int) or shape[name] < 1:
-            raise ValueError(f"lightning shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
-    return {name: shape[name] for name in _SHAPE_FIELDS}
+    return parse_shape_text(text, what="lightning", fields=_SHAPE_FIELDS, required=("T", "H", "D"),
+                            defaults={"B": 1, "E": lambda given: given["D"], "dtype": "bf16"}, choices={"dtype": DTYPES})
 
 
 def is_valid_bwd(config: Config, shape: Shape) -> bool:

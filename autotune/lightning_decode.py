@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from autotune.lightning import DTYPES
-from autotune.tunable import Config, Shape, Tunable, parse_assignments, register
+from autotune.tunable import Config, Shape, Tunable, parse_shape_text, register
 from kernels.lightning_attn import decode, minimax_slopes
 from reference.lightning_attn import lightning_decode_ref
 
@@ -94,21 +94,8 @@ def default_config(shape: Shape) -> Config:
 
 def parse_shape(text: str) -> Shape:
     """``"B=16,H=64,D=128"`` -> a full shape; E=D and dtype=bf16 unless given."""
-    given = parse_assignments(text)
-    unknown = sorted(set(given) - set(_SHAPE_FIELDS))
-    missing = [n for n in ("B", "H", "D") if n not in given]
-    if unknown or missing:
-        raise ValueError(
-            f"decode shape {text!r}: fields are {', '.join(_SHAPE_FIELDS)} with B, H, D required"
-            f" (unknown: {unknown or 'none'}, missing: {missing or 'none'})"
-        )
-    shape = {**given, "E": given.get("E", given["D"]), "dtype": given.get("dtype", "bf16")}
-    if shape["dtype"] not in DTYPES:
-        raise ValueError(f"decode shape {text!r}: dtype must be one of {', '.join(DTYPES)}, got {shape['dtype']!r}")
-    for name in ("B", "H", "D", "E"):
-        if not isinstance(shape[name], int) or shape[name] < 1:
-            raise ValueError(f"decode shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
-    return {name: shape[name] for name in _SHAPE_FIELDS}
+    return parse_shape_text(text, what="decode", fields=_SHAPE_FIELDS, required=("B", "H", "D"),
+                            defaults={"E": lambda given: given["D"], "dtype": "bf16"}, choices={"dtype": DTYPES})
 
 
 TUNABLE = register(

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from autotune.tunable import Config, Shape, Tunable, parse_assignments, register
+from autotune.tunable import Config, Shape, Tunable, parse_shape_text, register
 from autotune.worker import rel_error
 from kernels.moe_gemm.grouped_gemm import (
     KERNEL,
@@ -268,25 +268,12 @@ def default_config_dw(shape: Shape) -> Config:
 
 def parse_shape(text: str) -> Shape:
     """``"E=32,K=6144,N=18432,T=4096"`` -> a full shape; top_k=2, routing=random, dtype=bf16 unless given."""
-    given = parse_assignments(text)
-    unknown = sorted(set(given) - set(_SHAPE_FIELDS))
-    missing = [n for n in ("E", "K", "N", "T") if n not in given]
-    if unknown or missing:
-        raise ValueError(
-            f"grouped GEMM shape {text!r}: fields are {', '.join(_SHAPE_FIELDS)} with E, K, N, T required"
-            f" (unknown: {unknown or 'none'}, missing: {missing or 'none'})"
-        )
-    shape = {"top_k": 2, "routing": "random", "dtype": "bf16", **given}
-    if shape["dtype"] not in DTYPES:
-        raise ValueError(f"grouped GEMM shape {text!r}: dtype must be one of {', '.join(DTYPES)}, got {shape['dtype']!r}")
-    if shape["routing"] not in ROUTINGS:
-        raise ValueError(f"grouped GEMM shape {text!r}: routing must be one of {', '.join(ROUTINGS)}, got {shape['routing']!r}")
-    for name in ("E", "K", "N", "T", "top_k"):
-        if not isinstance(shape[name], int) or shape[name] < 1:
-            raise ValueError(f"grouped GEMM shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
+    shape = parse_shape_text(text, what="grouped GEMM", fields=_SHAPE_FIELDS, required=("E", "K", "N", "T"),
+                             defaults={"top_k": 2, "routing": "random", "dtype": "bf16"},
+                             choices={"dtype": DTYPES, "routing": ROUTINGS})
     if shape["top_k"] > shape["E"]:
         raise ValueError(f"grouped GEMM shape {text!r}: top_k must be at most E")
-    return {name: shape[name] for name in _SHAPE_FIELDS}
+    return shape
 
 
 def _tunable(name: str, space: dict, is_valid, bucket, make_inputs, run, reference, default_config) -> Tunable:

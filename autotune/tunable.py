@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 Shape = dict[str, Any]
 Config = dict[str, Any]
@@ -84,6 +84,32 @@ def parse_assignments(text: str) -> dict[str, Any]:
             raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {part.strip()!r} in {text!r}")
         out[name] = int(value) if value.lstrip("-").isdigit() else value
     return out
+
+
+def parse_shape_text(
+    text: str, *, what: str, fields: tuple[str, ...], required: tuple[str, ...], defaults: dict[str, Any],
+    choices: dict[str, Collection[str]],
+) -> Shape:
+    """``"T=4096,H=64"`` -> a full shape with ``fields`` in order: the ``required`` fields must
+    be given; missing others come from ``defaults`` (a value, or a function of the given
+    fields); a field in ``choices`` must be one of its values, every other field a positive
+    integer. ValueError names ``what`` shape, the text and the field."""
+    given = parse_assignments(text)
+    unknown = sorted(set(given) - set(fields))
+    missing = [n for n in required if n not in given]
+    if unknown or missing:
+        raise ValueError(
+            f"{what} shape {text!r}: fields are {', '.join(fields)} with {', '.join(required)} required"
+            f" (unknown: {unknown or 'none'}, missing: {missing or 'none'})"
+        )
+    shape = {**{n: d(given) if callable(d) else d for n, d in defaults.items() if n not in given}, **given}
+    for name, allowed in choices.items():
+        if shape[name] not in allowed:
+            raise ValueError(f"{what} shape {text!r}: {name} must be one of {', '.join(allowed)}, got {shape[name]!r}")
+    for name in fields:
+        if name not in choices and (not isinstance(shape[name], int) or shape[name] < 1):
+            raise ValueError(f"{what} shape {text!r}: {name} must be a positive integer, got {shape[name]!r}")
+    return {name: shape[name] for name in fields}
 
 
 _REGISTRY: dict[str, Tunable] = {}
