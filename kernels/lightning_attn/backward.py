@@ -46,6 +46,7 @@ import triton.language as tl
 
 from kernels import _config
 from kernels.lightning_attn import forward
+from kernels.lightning_attn.forward import sequence_and_decay
 
 KERNEL = "lightning_attn_bwd"
 
@@ -99,15 +100,7 @@ def _lightning_bwd_kernel(
     """
     i_c, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = 0
-        eos = T
-    L = eos - bos
-    # decay in log2 units: lambda^m = exp2(-s * m)
-    s = tl.load(slopes + i_h).to(tl.float32) * 1.4426950408889634
+    bos, L, s = sequence_and_decay(cu_seqlens, slopes, T, i_n, i_h, IS_VARLEN)
 
     o_i = tl.arange(0, BT)
     o_a = tl.arange(0, A)

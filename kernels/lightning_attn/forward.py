@@ -38,6 +38,21 @@ def default_config(D: int, E: int) -> dict:
 CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
 
 
+@triton.jit
+def sequence_and_decay(cu_seqlens, slopes, T, i_n, i_h, IS_VARLEN: tl.constexpr):
+    """The prologue every lightning kernel shares: where sequence i_n starts (``bos``) and
+    how long it is (``L``; packed sequences from ``cu_seqlens``), and head i_h's decay in
+    log2 units (``lambda^m = exp2(-s * m)``)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = 0
+        eos = T
+    s = tl.load(slopes + i_h).to(tl.float32) * 1.4426950408889634
+    return bos, eos - bos, s
+
+
 @triton.jit(do_not_specialize=["T"])
 def _lightning_fwd_kernel(
     q, k, v, o, slopes, h0, ht, cu_seqlens,
@@ -53,15 +68,7 @@ def _lightning_fwd_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = 0
-        eos = T
-    L = eos - bos
-    # decay in log2 units: lambda^m = exp2(-s * m)
-    s = tl.load(slopes + i_h).to(tl.float32) * 1.4426950408889634
+    bos, L, s = sequence_and_decay(cu_seqlens, slopes, T, i_n, i_h, IS_VARLEN)
 
     # batch strides are 0 for packed sequences (one batch row, offsets from cu_seqlens)
     q_base = q + i_n.to(tl.int64) * stride_qb + bos * stride_qt + i_h * stride_qh
