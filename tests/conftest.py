@@ -32,6 +32,17 @@ def poison_outputs(request, monkeypatch):
 
 
 @pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    """``KWB_CONFIG_DIR`` pointed at a fresh folder; the lookup's caches cleared around the test."""
+    from kernels import _config
+
+    monkeypatch.setenv("KWB_CONFIG_DIR", str(tmp_path))
+    _config.clear_cache()
+    yield tmp_path
+    _config.clear_cache()
+
+
+@pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
 

@@ -334,14 +334,6 @@ def meta() -> dict:
     return {"triton": __import__("triton").__version__, "strategy": "test"}
 
 
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KWB_CONFIG_DIR", str(tmp_path))
-    _config.clear_cache()
-    yield tmp_path
-    _config.clear_cache()
-
-
 def test_write_then_lookup(config_dir):
     written = writer.write_configs("k", [entry(1024, {"BT": 32}), entry(4096, {"BT": 64})], meta(), slug="gpu")
     assert written.path == config_dir / "gpu" / "k.json" and written.entries == 2

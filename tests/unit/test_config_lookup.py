@@ -41,11 +41,8 @@ def lookup(k: dict, slug: str = SLUG) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KWB_CONFIG_DIR", str(tmp_path))
-    _config.clear_cache()
-    yield tmp_path
-    _config.clear_cache()
+def _every_test_in_its_own_config_dir(config_dir):
+    """(``config_dir``: tests/conftest.py)"""
 
 
 def test_exact_bucket_first():

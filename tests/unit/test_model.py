@@ -234,14 +234,6 @@ def test_kernel_plan_lists_every_layer_and_kernel():
     assert len(kernel_plan("minimax-text-01", 1, 4096)) == 80 * (2 + 4)  # default phases: prefill, decode
 
 
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KWB_CONFIG_DIR", str(tmp_path))
-    _config.clear_cache()
-    yield tmp_path
-    _config.clear_cache()
-
-
 def _write_config(kernel: str, entries: list[tuple[dict, dict]], *, triton_version: str = triton.__version__) -> None:
     path = _config.config_path(kernel, "test-gpu")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -159,14 +159,6 @@ def test_grouped_gemm_zero_rows(device):
 # --------------------------------------------------------------------------- config lookup
 
 @pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("KWB_CONFIG_DIR", str(tmp_path))
-    _config.clear_cache()
-    yield tmp_path
-    _config.clear_cache()
-
-
-@pytest.fixture
 def gemm_launches(monkeypatch):
     """Records the config of every grouped GEMM forward/dX launch, then launches."""
     launches: list[dict] = []
