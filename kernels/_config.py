@@ -26,7 +26,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import triton
 
@@ -161,6 +161,21 @@ def lookup(
     """Launch config of ``kernel`` for the shape bucket ``key`` on this GPU (see module doc)."""
     path = _path_str(os.environ.get("KWB_CONFIG_DIR"), kernel, slug or device_slug())
     return dict(_lookup(path, _freeze(key), _freeze(default), tuple(near)))
+
+
+def lookup_launchable(
+    kernel: str,
+    key: Mapping[str, Any],
+    *,
+    default: Mapping[str, Any],
+    valid: Callable[[dict], bool],
+    near: tuple[str, ...] = (),
+    slug: str | None = None,
+) -> dict:
+    """:func:`lookup`, but an entry that ``valid`` rejects (written for other head dims, a
+    newer space, ...) gives way to ``default`` rather than being launched."""
+    found = lookup(kernel, key, default=default, near=near, slug=slug)
+    return found if valid(found) else dict(default)
 
 
 @functools.lru_cache(maxsize=None)

@@ -139,8 +139,8 @@ def kernel_plan(
     status = functools.cache(lambda kernel: _config.read_config_file(_config.config_path(kernel, slug)).status)
 
     def row(layer: int, kind: str, launch: _Launch) -> PlanRow:
-        found = _config.lookup(launch.kernel, launch.key, default=launch.default, near=launch.near, slug=slug)
-        used = found if launch.valid(found) else launch.default
+        used = _config.lookup_launchable(launch.kernel, launch.key, default=launch.default, valid=launch.valid,
+                                         near=launch.near, slug=slug)
         path = str(_config.config_path(launch.kernel, slug))
         return PlanRow(layer, kind, launch.phase, launch.op, launch.kernel, launch.key, path, status(launch.kernel), used)
 

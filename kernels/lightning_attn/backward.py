@@ -219,10 +219,8 @@ def lightning_attn_bwd(
     need_dq, need_dk, need_dv, need_dh0 = needs
     need_dh0 = need_dh0 and initial_state is not None
     if config is None:
-        fallback = default_config(D, E)
-        config = _config.lookup(KERNEL, bucket_key(D, E, T, q.dtype), default=fallback, near=("T",))
-        if not valid_config(config, D, E):
-            config = fallback
+        config = _config.lookup_launchable(KERNEL, bucket_key(D, E, T, q.dtype), default=default_config(D, E),
+                                           valid=lambda c: valid_config(c, D, E), near=("T",))
     elif not valid_config(config, D, E):
         raise ValueError(f"config {config} cannot launch for D={D}, E={E} (see valid_config)")
 

@@ -264,8 +264,7 @@ def _resolve(kernel: str, key: dict, fallback: dict, config: dict | None, valid)
     """An explicit config must be valid (ValueError); a looked-up one that is not is replaced
     by the fallback rather than launched."""
     if config is None:
-        found = _config.lookup(kernel, key, default=fallback, near=("M",))
-        return found if valid(found) else fallback
+        return _config.lookup_launchable(kernel, key, default=fallback, valid=valid, near=("M",))
     if not valid(config):
         raise ValueError(f"config {config} cannot launch {kernel} (see valid_config)")
     return config

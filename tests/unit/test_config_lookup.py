@@ -176,3 +176,12 @@ def test_kernel_launches_with_the_looked_up_config(launch_spy, device):
     o, _ = lightning_attn(q, k, v, slopes)
     assert launch_spy[-1] == forward.default_config(16, 16)
     assert_close("o", o, lightning_attn_ref(q, k, v, slopes)[0], TOLERANCE[torch.bfloat16])
+
+
+def test_lookup_launchable_replaces_an_entry_the_kernel_cannot_launch():
+    write_file([(key(1024), {"BT": 48, "num_warps": 4}), (key(4096), {"BT": 128, "num_warps": 8})])
+    valid = lambda c: c["BT"] in (32, 64, 128)  # noqa: E731
+    launchable = lambda k: _config.lookup_launchable(KERNEL, k, default=DEFAULT, valid=valid, near=("T",), slug=SLUG)  # noqa: E731
+    assert lookup(key(1024)) == {"BT": 48, "num_warps": 4}  # the plain lookup returns what the file says
+    assert launchable(key(1024)) == DEFAULT
+    assert launchable(key(4096)) == {"BT": 128, "num_warps": 8}
