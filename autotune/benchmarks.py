@@ -154,11 +154,11 @@ class LightningCase:
         B, T, H, D, E = (self.shape[k] for k in "BTHDE")
         config = {}
         if self.provider == "ours":
-            key = forward.bucket_key(D, E, T, self.dtype)
-            config = _config.lookup(forward.KERNEL, key, default=forward.default_config(D, E), near=("T",))
-            if self.mode == "fwd_bwd":
-                config = {"fwd": config, "bwd": _config.lookup(backward.KERNEL, key, default=backward.default_config(D, E),
-                                                               near=("T",))}
+            key = forward.bucket_key(D, E, T, self.dtype)  # the configs the kernels launched with
+            used = {kernel.KERNEL: _config.lookup_launchable(kernel.KERNEL, key, default=kernel.default_config(D, E),
+                                                             valid=lambda c, k=kernel: k.valid_config(c, D, E), near=("T",))
+                    for kernel in (forward, backward)}
+            config = used[forward.KERNEL] if self.mode == "fwd" else {"fwd": used[forward.KERNEL], "bwd": used[backward.KERNEL]}
         return record_from_timing(
             timing, kernel=self.kernel, provider=self.provider, mode=self.mode, shape=self.shape,
             dtype=str(self.dtype).removeprefix("torch."), config=config, x_name="T", x_value=T,
@@ -232,8 +232,8 @@ class DecodeCase:
         B, H, D, E = (self.shape[k] for k in "BHDE")
         config = self.config or {}
         if self.provider == "ours":
-            config = _config.lookup(decode.KERNEL, decode.bucket_key(D, E, B), default=decode.default_config(D, E),
-                                    near=("B",))
+            config = _config.lookup_launchable(decode.KERNEL, decode.bucket_key(D, E, B), default=decode.default_config(D, E),
+                                               valid=lambda c: decode.valid_config(c, D, E), near=("B",))
         return record_from_timing(
             timing, kernel=decode.KERNEL, provider=self.provider, mode="decode", shape=self.shape,
             dtype=str(self.dtype).removeprefix("torch."), config=config, x_name="B", x_value=B,

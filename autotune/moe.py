@@ -439,9 +439,10 @@ class GroupedGemmCase:
         if self.provider == "ours":
             key = {"fwd": bucket_fwd, "dx": bucket_dx, "dw": bucket_dw}[self.mode](self.tshape)
             default = default_config_dw(self.tshape) if self.mode == "dw" else default_config_fwd(self.tshape)
+            valid = valid_dw_config if self.mode == "dw" else valid_config
             from kernels import _config
 
-            config = _config.lookup(self.kernel, key, default=default, near=("M",))
+            config = _config.lookup_launchable(self.kernel, key, default=default, valid=valid, near=("M",))  # as launched
         flops = gemm_flops(self.shape)
         self.extra["tflop_s"] = tflop_s(flops, timing.median_ms)
         return record_from_timing(
