@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import torch
 import typer
@@ -64,9 +64,10 @@ def _use_interpreter() -> None:
 class _ProgressReporter:
     """Candidates done / planned over all buckets, the bucket's best so far, elapsed and ETA."""
 
-    def __init__(self, progress: Progress, kernel: str, total: int) -> None:
+    def __init__(self, progress: Progress, kernel: str, total: int, on_bucket: Callable[[BucketResult], None]) -> None:
         self.progress = progress
         self.kernel = kernel
+        self.on_bucket = on_bucket
         self.task = progress.add_task(kernel, total=total, best="-")
         self._planned = self._done = 0
 
@@ -83,9 +84,12 @@ class _ProgressReporter:
         # strategies may stop early or need one more run for the default: settle the total
         total = self.progress.tasks[self.task].total or 0
         self.progress.update(self.task, total=total + self._done - self._planned)
+        self.on_bucket(bucket)
 
 
-def _run_with_progress(console: Console, tuner: Tuner, jobs: list[Job], strategy: str) -> TuneRun:
+def _run_with_progress(
+    console: Console, tuner: Tuner, jobs: list[Job], strategy: str, on_bucket: Callable[[BucketResult], None]
+) -> TuneRun:
     chosen = STRATEGIES[strategy]
     columns = (
         SpinnerColumn(),
@@ -99,7 +103,7 @@ def _run_with_progress(console: Console, tuner: Tuner, jobs: list[Job], strategy
     )
     with Progress(*columns, console=console) as progress:
         total = sum(chosen.planned(len(job.candidates)) for job in jobs)
-        return tuner.tune(jobs, chosen, _ProgressReporter(progress, tuner.tunable.name, total))
+        return tuner.tune(jobs, chosen, _ProgressReporter(progress, tuner.tunable.name, total, on_bucket))
 
 
 def _results_table(run: TuneRun, tunable: Tunable, gpu_name: str) -> Table:
@@ -191,7 +195,7 @@ def tune(
         raise typer.Exit(code=2)
 
     from autotune import tunable as registry
-    from autotune.runner import Tuner, plan
+    from autotune.runner import Tuner, TuneRun, plan
     from autotune.writer import write_configs
     from kernels._config import device_slug
 
@@ -218,7 +222,19 @@ def tune(
             timeout_s=timeout,
             seed=seed,
         )
-        run = _run_with_progress(console, tuner, jobs, strategy)
+        done: list[BucketResult] = []
+
+        def checkpoint(bucket: BucketResult) -> None:
+            """Save each bucket's winner as soon as its bucket ends, so a run that is killed
+            (a timeout, Ctrl-C, a lost machine) keeps every bucket it finished."""
+            done.append(bucket)
+            if write and bucket.best is not None:
+                partial = TuneRun(kernel=t.name, strategy=strategy, device=tuner.device,
+                                  timing_meaningful=tuner.timing_meaningful, rep_ms=tuner.rep_ms, buckets=list(done),
+                                  wall_s=sum(b.wall_s for b in done), worker_restarts=0, telemetry={})
+                write_configs(t.name, [bucket.entry(strategy)], partial.meta(), slug=slug, root=out_dir)
+
+        run = _run_with_progress(console, tuner, jobs, strategy, checkpoint)
         console.print(_results_table(run, t, gpu_name))
         _print_failures(console, run)
         incomplete |= any(b.best is None for b in run.buckets)

@@ -440,6 +440,31 @@ def test_cli_tune_interpret_end_to_end(config_dir, launch_spy):
 
 
 @needs_no_gpu
+def test_cli_tune_keeps_the_buckets_it_finished_when_killed(config_dir, monkeypatch):
+    """Each bucket's winner is written when its bucket ends: a run interrupted in its second
+    bucket leaves the first in the file (and nothing of the second)."""
+    from autotune.runner import Tuner
+
+    real = Tuner._tune_bucket
+    calls = []
+
+    def interrupted_in_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tuner, "_tune_bucket", interrupted_in_the_second)
+    shapes = "T=16,H=1,D=16;T=40,H=1,D=16"
+    result = runner.invoke(app, ["tune", "lightning_attn_fwd", "--shapes", shapes, "--interpret", "--strategy", "local"])
+    assert result.exit_code != 0 and len(calls) == 2, result.output  # click reports the interrupt as an abort
+    data = json.loads((config_dir / "cpu" / "lightning_attn_fwd.json").read_text())
+    first, second = (lightning.TUNABLE.bucket(lightning.TUNABLE.parse_shape(s)) for s in shapes.split(";"))
+    assert [e["key"] for e in data["entries"]] == [first] != [second]
+    assert data["meta"]["buckets"] == 1 and data["meta"]["strategy"] == "local"
+
+
+@needs_no_gpu
 def test_cli_interpret_without_a_destination_writes_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("KWB_CONFIG_DIR", raising=False)
     result = runner.invoke(app, ["tune", "lightning_attn_fwd", "--shapes", "T=16,H=1,D=16", "--interpret", "--strategy", "local"])
