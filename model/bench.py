@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -104,37 +105,44 @@ def _oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
 
-def bench_train(config, seqs, device, dtype, ms) -> list[dict]:
-    rows = []
-    layers = {kind: _layer(config, kind, device, dtype) for kind in (LIGHTNING, SOFTMAX)}
-    params = {kind: list(layer.parameters()) for kind, layer in layers.items()}
+def bench_train(config, seqs, device, dtype, ms) -> Iterator[dict]:
+    """Yields ``{"T", "lightning": (med, p20, p80), "softmax": ...}`` per T until the first
+    out-of-memory. One layer lives at a time: a bench-sized layer holds 5.4B expert
+    parameters (10.9 GB in bf16, as much again for their gradients), so keeping both kinds
+    alive would halve the longest sequence that fits."""
     for T in seqs:
         row = {"T": T}
         try:
-            for kind, layer in layers.items():
+            for kind in (LIGHTNING, SOFTMAX):
+                layer = _layer(config, kind, device, dtype)
+                params = list(layer.parameters())
                 x = torch.randn(1, T, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
                 dout = torch.randn_like(x)
 
-                def step(layer=layer, x=x, dout=dout, kind=kind):
-                    for p in params[kind]:
+                def step(layer=layer, x=x, dout=dout, params=params):
+                    for p in params:
                         p.grad = None
                     layer(x).backward(dout)
 
                 row[kind] = ms(step)
-                del x, dout
+                del layer, params, x, dout, step
+                _free(device)
         except Exception as exc:  # noqa: BLE001 - out of memory ends the sweep, anything else is raised
             if not _oom(exc):
                 raise
             print(f"train T={T}: out of memory, stopping", flush=True)
-            break
-        rows.append(row)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return rows
+            return
+        yield row
 
 
-def bench_prefill(config, seqs, device, dtype, ms) -> list[dict]:
-    rows = []
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def bench_prefill(config, seqs, device, dtype, ms) -> Iterator[dict]:
+    """Yields ``{"T", "lightning": (med, p20, p80) or None, "softmax": ...}`` per T (None: out
+    of memory) until both kinds are out of memory."""
     attn = {kind: _layer(config, kind, device, dtype).attn for kind in (LIGHTNING, SOFTMAX)}
     for T in seqs:
         row = {"T": T}
@@ -148,12 +156,10 @@ def bench_prefill(config, seqs, device, dtype, ms) -> list[dict]:
                 if not _oom(exc):
                     raise
                 row[kind] = None
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        rows.append(row)
+            _free(device)
+        yield row
         if all(row[k] is None for k in attn):
-            break
-    return rows
+            return
 
 
 def _softmax_decode(attn, x, k_cache, v_cache, pos: int):
@@ -173,10 +179,10 @@ def _softmax_decode(attn, x, k_cache, v_cache, pos: int):
     return attn.o_proj(o.transpose(1, 2).reshape(B, 1, attn.num_heads * attn.head_dim))
 
 
-def bench_decode(config, batches, context, device, dtype, ms) -> list[dict]:
+def bench_decode(config, batches, context, device, dtype, ms) -> Iterator[dict]:
+    """Yields ``{"B", "lightning": (med, p20, p80), "softmax": ...}`` per batch size."""
     from model.cache import LightningState
 
-    rows = []
     attn = {kind: _layer(config, kind, device, dtype).attn for kind in (LIGHTNING, SOFTMAX)}
     c = config
     for B in batches:
@@ -184,10 +190,10 @@ def bench_decode(config, batches, context, device, dtype, ms) -> list[dict]:
         state = LightningState(torch.randn(B, c.num_heads, c.head_dim, c.head_dim, device=device) * 0.01)
         kv = [torch.randn(B, context + 1, c.num_kv_heads, c.head_dim, device=device, dtype=dtype) for _ in range(2)]
         with torch.no_grad():
-            rows.append({"B": B, LIGHTNING: ms(lambda: attn[LIGHTNING](x, state)),
-                         SOFTMAX: ms(lambda: _softmax_decode(attn[SOFTMAX], x, *kv, context))})
+            row = {"B": B, LIGHTNING: ms(lambda: attn[LIGHTNING](x, state)),
+                   SOFTMAX: ms(lambda: _softmax_decode(attn[SOFTMAX], x, *kv, context))}
         del x, state, kv
-    return rows
+        yield row
 
 
 def _records(config, train, prefill, decode, context, tflops, cpu) -> dict[str, list]:
@@ -258,19 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
     ms = _timer(args.cpu)
     tflops = matmul_tflops(args.cpu)
-    train = bench_train(config, args.train_seq, device, dtype, ms)
-    prefill = bench_prefill(config, args.prefill_seq, device, dtype, ms)
-    decode = bench_decode(config, args.decode_batch, args.context, device, dtype, ms)
     from profiling import append_records
 
-    for kernel, records in _records(config, train, prefill, decode, args.context, tflops, args.cpu).items():
-        if records:
-            append_records(records, Path(args.results) / f"{kernel}.jsonl")
-        for r in records:
-            e = r.extra
-            rate = f"{e['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in e else ""
-            mfu = f" MFU {100 * e['mfu']:.1f}%" if e.get("mfu") else ""
-            print(f"{kernel:14s} {r.provider:9s} {r.x_name}={r.x_value:<8} {r.median_ms:10.3f} ms {rate}{mfu}", flush=True)
+    # each measurement is written and printed as soon as it is taken: a run that is killed
+    # (a time limit, a lost machine) keeps everything measured before
+    sections = {
+        "train": bench_train(config, args.train_seq, device, dtype, ms),
+        "prefill": bench_prefill(config, args.prefill_seq, device, dtype, ms),
+        "decode": bench_decode(config, args.decode_batch, args.context, device, dtype, ms),
+    }
+    for section, rows in sections.items():
+        for row in rows:
+            parts = {name: [row] if name == section else [] for name in sections}
+            for kernel, records in _records(config, **parts, context=args.context, tflops=tflops, cpu=args.cpu).items():
+                if records:
+                    append_records(records, Path(args.results) / f"{kernel}.jsonl")
+                for r in records:
+                    e = r.extra
+                    rate = f"{e['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in e else ""
+                    mfu = f" MFU {100 * e['mfu']:.1f}%" if e.get("mfu") else ""
+                    print(f"{kernel:14s} {r.provider:9s} {r.x_name}={r.x_value:<8} {r.median_ms:10.3f} ms {rate}{mfu}",
+                          flush=True)
     if args.cpu:
         print("Triton interpreter on the CPU: timings are meaningless", file=sys.stderr)
     return 0

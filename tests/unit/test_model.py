@@ -296,6 +296,26 @@ def test_bench_pipeline_composes_stacks_from_single_layers(tmp_path):
         assert not bad and len(records) == n and all(r.median_ms > 0 for r in records)
 
 
+def test_bench_writes_each_measurement_as_it_is_taken(tmp_path, monkeypatch):
+    """A run that dies part-way (here: the prefill section fails) keeps the train records it
+    had measured: each row is appended before the next measurement starts."""
+    from model import bench
+    from profiling import read_results
+
+    def failing_prefill(*args, **kwargs):
+        raise RuntimeError("lost the machine")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(bench, "bench_prefill", failing_prefill)
+    with pytest.raises(RuntimeError, match="lost the machine"):
+        bench.main(["--config", "tiny", "--cpu", "--train-seq", "4,8", "--decode-batch", "2", "--context", "3",
+                    "--results", str(tmp_path)])
+    train, bad = read_results(tmp_path / "model_train.jsonl")
+    assert not bad and sorted((r.x_value, r.provider) for r in train) == [
+        (4, "hybrid"), (4, "softmax"), (8, "hybrid"), (8, "softmax")]
+    assert not (tmp_path / "model_decode.jsonl").exists()
+
+
 def test_layer_flops_scale_with_sequence_length():
     """Lightning layers cost the same per token at any T; softmax layers add a T^2 term."""
     from model import bench
