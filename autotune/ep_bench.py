@@ -10,8 +10,8 @@ top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank 
 - ``comm``: the dispatch and the combine all-to-all of the serial schedule, nothing else;
 - ``compute``: the local experts on the rows the dispatch delivered (grouped GEMMs, SwiGLU);
 - ``serial``: ``moe_ffn_ep`` with one chunk (exchange, experts, exchange back);
-- ``chunks{C}-ctas{K}``: the overlap schedule with C chunks and NCCL limited to K CTAs
-  (K = 0: NCCL's own choice; with K = 0 this is the naive chunked overlap).
+- ``chunks{C}-ctas{K}``: the overlap schedule with C chunks (groups of local experts, C <= E/W;
+  larger C are skipped) and NCCL limited to K CTAs (K = 0: NCCL's own choice).
 
 A time is the median over repetitions of the slowest rank's CUDA-event time (the ranks
 all-reduce each repetition's time with MAX). Every candidate's output is checked against the
@@ -154,7 +154,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                 rows.append({"T": T, "name": "compute", "times": timer(compute)})
                 rows.append({"T": T, "name": "serial", "config": {"num_chunks": 1, "comm_ctas": 0},
                              "times": timer(lambda: run(1, 0))})
-                for C in args.chunks:
+                for C in [C for C in args.chunks if C <= dims["E"] // W]:
                     for K in args.comm_ctas:
                         if C == 1 and K == 0:
                             continue
@@ -211,7 +211,7 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
         shape = {"W": W, **dims, "T": r["T"]}
         provider = "ours" if r is summary[r["T"]]["best"] else r["name"]
         extra = {"name": r["name"], "reps": len(t), "rel_err_vs_serial": r.get("rel_err"),
-                 "timing_meaningful": not args.cpu}
+                 "chunks_split": "experts", "timing_meaningful": not args.cpu}
         if provider == "ours" or r["name"] == "serial":
             extra.update(hidden_fraction=summary[r["T"]]["hidden"], expert_slowdown=summary[r["T"]]["expert_slowdown"])
         records.append(Record(
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autotune.ep_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=None, help="ranks (default: every GPU; 2 with --cpu)")
     parser.add_argument("--tokens", type=_parse_ints, default=None, help="tokens per rank, e.g. 4096,16384")
-    parser.add_argument("--chunks", type=_parse_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--chunks", type=_parse_ints, default=[1, 2, 4, 8, 16], help="those above E/W are skipped")
     parser.add_argument("--comm-ctas", type=_parse_ints, default=[0, 8, 16, 32], help="NCCL maxCTAs; 0 = NCCL's choice")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--results", default="results", help="folder for moe_ffn_ep.jsonl")

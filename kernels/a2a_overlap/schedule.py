@@ -1,7 +1,7 @@
 """The overlap schedule's tunables: how many token chunks, and how many SMs NCCL may use.
 
-A config is ``{"num_chunks": C, "comm_ctas": K}``: C chunks of the local tokens (see
-``api.py``) and, on NCCL, a communicator whose kernels use at most K CTAs (one SM each;
+A config is ``{"num_chunks": C, "comm_ctas": K}``: C chunks, each a group of the local
+experts (``C <= E / W``; see ``api.py``) and, on NCCL, a communicator whose kernels use at most K CTAs (one SM each;
 ``ncclConfig_t.maxCTAs``) so the experts' GEMMs keep the rest; ``K = 0`` leaves NCCL's own
 choice. Tuned per GPU type by ``python -m autotune.ep_bench`` into
 ``kernels/configs/<gpu-slug>/moe_ffn_ep.json``, keyed by :func:`bucket_key`.
@@ -52,7 +52,8 @@ def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: tor
     F, Hd = w_down_local.shape[1], w_down_local.shape[2]
     key = bucket_key(W, E, Hd, F, int(t.item()), x.dtype)
     config = _config.lookup(KERNEL, key, default=DEFAULT_CONFIG, near=("T",))
-    return config if valid_config(config) else dict(DEFAULT_CONFIG)
+    fits = valid_config(config) and config["num_chunks"] <= E // W
+    return config if fits else dict(DEFAULT_CONFIG)
 
 
 def comm_group(group, comm_ctas: int):

@@ -124,10 +124,10 @@ def _worker(rank: int, port: int, case: dict) -> dict:
     if case.get("config_dir"):
         from kernels.a2a_overlap import api
 
-        routed = []  # one route() per chunk: how many chunks the tuned call used
-        api.route = lambda *a, _route=api.route, **k: routed.append(1) or _route(*a, **k)
+        started = []  # a dispatch and a combine per chunk: how many chunks the tuned call used
+        api.start_exchange = lambda *a, _start=api.start_exchange, **k: started.append(1) or _start(*a, **k)
         result["tuned"] = _run_rank(moe_ffn_ep, inp, rank, case)  # num_chunks from the file
-        result["tuned_chunks"] = len(routed)
+        result["tuned_chunks"] = len(started) // 2
         result["ctas"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=3, comm_ctas=8)  # no SMs on gloo
     if case.get("ref", True):
         result["ref"] = _run_rank(moe_ffn_ep_ref, inp, rank, case)
@@ -182,9 +182,9 @@ def _check(case, results):
 
 
 CASES = {
-    2: dict(W=2, E=4, tokens=[9, 6], top_k=2, seed=1),
-    3: dict(W=3, E=6, tokens=[7, 10, 4], top_k=2, seed=2),
-    4: dict(W=4, E=8, tokens=[5, 8, 3, 6], top_k=2, seed=3),
+    2: dict(W=2, E=6, tokens=[9, 6], top_k=2, seed=1, chunks=(1, 2, 3)),  # 2 chunks: 1 + 2 experts
+    3: dict(W=3, E=9, tokens=[7, 10, 4], top_k=2, seed=2),
+    4: dict(W=4, E=12, tokens=[5, 8, 3, 6], top_k=2, seed=3),
 }
 
 
@@ -200,16 +200,16 @@ def test_ep_matches_single_process(W, tmp_path):
 def test_ep_uneven_routing(W, tmp_path):
     """Rank 0 has no tokens (sends nothing); the last rank's experts are never chosen (it
     receives nothing); T differs per rank and num_chunks 3 exceeds some ranks' T."""
-    E = {2: 4, 3: 6, 4: 4}[W]
+    E = {2: 6, 3: 9, 4: 12}[W]
     case = dict(W=W, E=E, tokens=[0, 5, 2, 7][:W], top_k=2, seed=10 + W, skew=True)
     _check(case, _spawn(case, tmp_path))
 
 
 @pytest.mark.timeout(180)
 def test_ep_world_size_8(tmp_path):
-    """Issue 9 on CPU: 8 ranks, 2 experts each, so each rank keeps ~1/8 of its token copies and
+    """Issue 9 on CPU: 8 ranks, 3 experts each, so each rank keeps ~1/8 of its token copies and
     sends the rest away; one rank has no tokens."""
-    case = dict(W=8, E=16, tokens=[3, 0, 5, 2, 4, 1, 6, 2], top_k=2, seed=8)
+    case = dict(W=8, E=24, tokens=[3, 0, 5, 2, 4, 1, 6, 2], top_k=2, seed=8)
     _check(case, _spawn(case, tmp_path))
 
 
@@ -224,7 +224,7 @@ def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
     from autotune import writer
     from kernels.a2a_overlap import schedule
 
-    W, E = 2, 4
+    W, E = 2, 6
     entries = [{"key": schedule.bucket_key(W, E, HD, F, T, torch.float32), "config": {"num_chunks": C, "comm_ctas": 0},
                 "median_ms": 1.0} for T, C in ((4, 2), (16, 3))]
     writer.write_configs(schedule.KERNEL, entries, {"triton": triton.__version__, "strategy": "test"}, slug="cpu",
@@ -240,7 +240,7 @@ def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_ep_top1(tmp_path):
-    case = dict(W=2, E=4, tokens=[6, 4], top_k=1, seed=7)
+    case = dict(W=2, E=6, tokens=[6, 4], top_k=1, seed=7)
     _check(case, _spawn(case, tmp_path))
 
 
@@ -294,6 +294,8 @@ def test_bad_arguments_raise_without_group():
         moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=2, comm_ctas=-1)
     with pytest.raises(ValueError, match="local experts"):
         moe_ffn_ep(x, logits, wgu[:2], wd, 2)
+    with pytest.raises(ValueError, match="num_chunks = 5 exceeds"):
+        moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=5)  # W = 1: 4 local experts
     with pytest.raises(ValueError, match="top_k"):
         moe_ffn_ep(x, logits, wgu, wd, 5)
 
