@@ -38,14 +38,27 @@ import torch
 from model.config import LIGHTNING, SOFTMAX, ModelConfig, get_config
 
 
+# A call longer than this (a softmax prefill at 512K tokens takes seconds) is timed 3 times
+# after the first call instead of profiling.bench's 16 calls
+LONG_CALL_MS = 500.0
+
+
 def _timer(cpu: bool):
     """``ms(fn) -> (median, p20, p80)``: profiling.bench on a GPU (CUDA events, the GPU kept
-    busy ahead of each call); one wall-clock call after a warm-up on the CPU."""
+    busy ahead of each call), or 3 timed calls for one that takes over LONG_CALL_MS; one
+    wall-clock call after a warm-up on the CPU."""
     if not cpu:
-        from profiling import bench
+        from profiling import bench, bench_fixed
 
         def cuda(fn):
-            t = bench(lambda i: fn(), warmup_ms=10, rep_ms=50)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()  # compiles, allocates, and tells a long call from a short one
+            torch.cuda.synchronize()
+            if (time.perf_counter() - start) * 1e3 > LONG_CALL_MS:
+                t = bench_fixed(lambda i: fn(), warmup=0, iters=3)
+            else:
+                t = bench(lambda i: fn(), warmup_ms=10, rep_ms=50)
             return (t.median_ms, t.p20_ms, t.p80_ms)
 
         return cuda
@@ -140,13 +153,18 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_prefill(config, seqs, device, dtype, ms) -> Iterator[dict]:
+def bench_prefill(config, seqs, device, dtype, ms, max_call_ms: float = float("inf")) -> Iterator[dict]:
     """Yields ``{"T", "lightning": (med, p20, p80) or None, "softmax": ...}`` per T (None: out
-    of memory) until both kinds are out of memory."""
+    of memory, or not timed because this kind's call at a shorter T already took over
+    ``max_call_ms``) until neither kind is left."""
     attn = {kind: _layer(config, kind, device, dtype).attn for kind in (LIGHTNING, SOFTMAX)}
+    stopped: set[str] = set()
     for T in seqs:
         row = {"T": T}
         for kind, module in attn.items():
+            if kind in stopped:
+                row[kind] = None
+                continue
             try:
                 x = torch.randn(1, T, config.hidden_size, device=device, dtype=dtype)
                 with torch.no_grad():
@@ -156,9 +174,15 @@ def bench_prefill(config, seqs, device, dtype, ms) -> Iterator[dict]:
                 if not _oom(exc):
                     raise
                 row[kind] = None
+                print(f"prefill {kind} T={T}: out of memory", flush=True)
+            if row[kind] is None or row[kind][0] > max_call_ms:
+                if row[kind] is not None:
+                    print(f"prefill {kind}: {row[kind][0] / 1e3:.1f} s per call at T={T}; longer T not timed "
+                          "(--max-call-s)", flush=True)
+                stopped.add(kind)
             _free(device)
         yield row
-        if all(row[k] is None for k in attn):
+        if stopped == set(attn):
             return
 
 
@@ -250,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-seq", type=_ints, default=[2**p for p in range(12, 21)], help="up to 1M")
     parser.add_argument("--decode-batch", type=_ints, default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=32768, help="tokens before the decoded one")
+    parser.add_argument("--max-call-s", type=float, default=5.0,
+                        help="prefill: stop timing a kind at longer T once one call takes longer than this")
     parser.add_argument("--results", default="results")
     parser.add_argument("--cpu", action="store_true", help="Triton interpreter on the CPU (meaningless times)")
     args = parser.parse_args(argv)
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     # (a time limit, a lost machine) keeps everything measured before
     sections = {
         "train": bench_train(config, args.train_seq, device, dtype, ms),
-        "prefill": bench_prefill(config, args.prefill_seq, device, dtype, ms),
+        "prefill": bench_prefill(config, args.prefill_seq, device, dtype, ms, args.max_call_s * 1e3),
         "decode": bench_decode(config, args.decode_batch, args.context, device, dtype, ms),
     }
     for section, rows in sections.items():

@@ -316,6 +316,15 @@ def test_bench_writes_each_measurement_as_it_is_taken(tmp_path, monkeypatch):
     assert not (tmp_path / "model_decode.jsonl").exists()
 
 
+def test_bench_prefill_stops_a_kind_whose_call_is_too_long():
+    """With a per-call limit of 0 ms every kind stops after its first T: one row, no more."""
+    from model import bench
+    from model.config import LIGHTNING, SOFTMAX
+
+    rows = list(bench.bench_prefill(TINY, [4, 8, 16], "cpu", torch.float32, bench._timer(True), max_call_ms=0.0))
+    assert [r["T"] for r in rows] == [4] and rows[0][LIGHTNING][0] > 0 and rows[0][SOFTMAX][0] > 0
+
+
 def test_layer_flops_scale_with_sequence_length():
     """Lightning layers cost the same per token at any T; softmax layers add a T^2 term."""
     from model import bench
