@@ -18,7 +18,7 @@ from model.attention import LightningAttention, SoftmaxAttention
 from model.cache import Cache, KVCache, LightningState
 from model.config import LIGHTNING, ModelConfig, get_config
 from model.impl import IMPLS
-from model.moe import MoEFeedForward
+from model.moe import MoEFeedForward, expert_parallel_size
 from model.norm import RMSNorm
 
 INPUT_ID_DTYPES = (torch.int64, torch.int32)
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
     """One layer: an attention sublayer (lightning or softmax, by ``config.layer_kind``) and the
     MoE FFN, each behind an RMSNorm with MiniMax-01's alpha/beta residual."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, impl: str, **factory):
+    def __init__(self, config: ModelConfig, layer_idx: int, impl: str, *, ep_group=None, **factory):
         super().__init__()
         self.kind = config.layer_kind(layer_idx)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
@@ -37,7 +37,7 @@ class DecoderLayer(nn.Module):
         else:
             self.attn = SoftmaxAttention(config, **factory)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
-        self.moe = MoEFeedForward(config, IMPLS[impl], **factory)
+        self.moe = MoEFeedForward(config, IMPLS[impl], ep_group=ep_group, **factory)
         self.attn_alpha, self.attn_beta = config.attn_alpha, config.attn_beta
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
@@ -57,14 +57,18 @@ class HybridDecoder(nn.Module):
         impl: ``"kernels"`` (Triton kernels, launch configs from ``kernels/_config.py``) or
             ``"reference"`` (the float64 references in ``reference/``).
         device, dtype: where and in which dtype to create the parameters (the router stays
-            float32). ``device="meta"`` creates none, e.g. to ``load_state_dict(sd, assign=True)``
+            float32).
+        ep_group: a ``torch.distributed`` process group to shard the experts over (expert
+            parallelism; see :class:`~model.moe.MoEFeedForward`), or None. Every rank of the
+            group runs the model together, each on its own tokens; the expert weights of a
+            full checkpoint load through :func:`model.moe.shard_experts`. ``device="meta"`` creates none, e.g. to ``load_state_dict(sd, assign=True)``
             another model's tensors without a copy.
 
     Parameters are initialised by :meth:`reset_parameters`. Untied embedding and LM head.
     """
 
     def __init__(self, config: ModelConfig | str, impl: str = "kernels", *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, ep_group=None):
         super().__init__()
         if isinstance(config, str):
             config = get_config(config)
@@ -73,9 +77,11 @@ class HybridDecoder(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         self.config, self.impl = config, impl
+        expert_parallel_size(ep_group, config.num_experts)  # ValueError before any parameter exists
         factory = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, impl, **factory) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, impl, ep_group=ep_group, **factory)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         self.reset_parameters()

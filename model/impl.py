@@ -17,10 +17,12 @@ from typing import Callable
 
 import torch
 
+from kernels.a2a_overlap import moe_ffn_ep
 from kernels.lightning_attn import lightning_attn, lightning_decode
 from kernels.moe_gemm import moe_ffn
 from reference.lightning_attn import lightning_attn_ref, lightning_decode_ref
 from reference.moe import moe_ffn_ref
+from reference.moe_ep import moe_ffn_ep_ref
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,16 @@ class Impl:
     moe(x, router_logits, w_gate_up, w_down, top_k) -> out:
         x ``[N, Hd]``, router_logits ``[N, num_experts]``, w_gate_up ``[num_experts, Hd, 2F]``
         (gate then up), w_down ``[num_experts, F, Hd]``; out ``[N, Hd]`` in x's dtype.
+    moe_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, group) -> out:
+        the same with the experts sharded over the process group ``group`` of W ranks: this
+        rank's ``[num_experts / W, ...]`` shards; every rank of the group must call it.
     """
 
     name: str
     lightning: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     lightning_step: Callable[..., torch.Tensor]
     moe: Callable[..., torch.Tensor]
+    moe_ep: Callable[..., torch.Tensor]
 
 
 def _kernel_lightning(q, k, v, slopes, initial_state, output_final_state):
@@ -55,6 +61,10 @@ def _kernel_lightning_step(q, k, v, slopes, state):
 
 def _kernel_moe(x, router_logits, w_gate_up, w_down, top_k):
     return moe_ffn(x, router_logits, w_gate_up, w_down, top_k=top_k)
+
+
+def _kernel_moe_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, group):
+    return moe_ffn_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, group)
 
 
 def _reference_lightning(q, k, v, slopes, initial_state, output_final_state):
@@ -72,7 +82,11 @@ def _reference_moe(x, router_logits, w_gate_up, w_down, top_k):
     return moe_ffn_ref(x, router_logits, w_gate_up, w_down, top_k).to(x.dtype)
 
 
+def _reference_moe_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, group):
+    return moe_ffn_ep_ref(x, router_logits, w_gate_up_local, w_down_local, top_k, group).to(x.dtype)
+
+
 IMPLS: dict[str, Impl] = {
-    "kernels": Impl("kernels", _kernel_lightning, _kernel_lightning_step, _kernel_moe),
-    "reference": Impl("reference", _reference_lightning, _reference_lightning_step, _reference_moe),
+    "kernels": Impl("kernels", _kernel_lightning, _kernel_lightning_step, _kernel_moe, _kernel_moe_ep),
+    "reference": Impl("reference", _reference_lightning, _reference_lightning_step, _reference_moe, _reference_moe_ep),
 }
