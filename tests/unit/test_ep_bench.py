@@ -11,8 +11,10 @@ from kernels.a2a_overlap import schedule
 from profiling import read_results
 
 
-def _row(T, name, ms, config=None, rel_err=None):
+def _row(T, name, ms, config=None, rel_err=None, experts_ms=None):
     row = {"T": T, "name": name, "times": [ms * 0.99, ms, ms * 1.01]}
+    if experts_ms is not None:
+        row["experts_times"] = [experts_ms, experts_ms * 1.02, experts_ms * 0.97]
     if config is not None:
         row["config"] = config
     if rel_err is not None:
@@ -25,13 +27,16 @@ def test_summarise_hidden_fraction_and_checked_winner():
         _row(4096, "comm", 1.0), _row(4096, "compute", 10.0),
         _row(4096, "serial", 11.8, {"num_chunks": 1, "comm_ctas": 0}),
         _row(4096, "chunks4-ctas0", 11.6, {"num_chunks": 4, "comm_ctas": 0}, 1e-3),
-        _row(4096, "chunks4-ctas16", 10.2, {"num_chunks": 4, "comm_ctas": 16}, 1e-3),
+        _row(4096, "chunks4-ctas16", 10.2, {"num_chunks": 4, "comm_ctas": 16}, 1e-3, experts_ms=10.4),
         _row(4096, "chunks8-ctas8", 9.0, {"num_chunks": 8, "comm_ctas": 8}, 0.5),  # fast but wrong
     ]
     s = ep_bench.summarise(rows)[4096]
     assert s["best"]["name"] == "chunks4-ctas16"
     assert s["hidden"] == pytest.approx((11.8 - 10.2) / 1.0)
-    assert s["expert_slowdown"] == pytest.approx(10.2 / 10.0 - 1)
+    assert s["experts_ms"] == pytest.approx(10.4)  # the median of the experts clock's times
+    assert s["expert_slowdown"] == pytest.approx(10.4 / 10.0 - 1)
+    del rows[4]["experts_times"]  # no experts clock on the winner: no slowdown claimed
+    assert ep_bench.summarise(rows)[4096]["expert_slowdown"] is None
 
 
 @pytest.mark.timeout(240)
@@ -46,6 +51,8 @@ def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, mo
     assert names == ["chunks2-ctas0", "comm", "compute", "serial"]
     assert sum(r.provider == "ours" for r in records) == 1
     assert all(r.median_ms > 0 and r.shape["W"] == 2 for r in records)
+    schedules = [r for r in records if r.extra["name"] not in ("comm", "compute")]
+    assert all(r.extra["experts_ms"] > 0 for r in schedules)  # the experts clock ran inside each
     data = json.loads((configs / "cpu" / "moe_ffn_ep.json").read_text())
     assert data["meta"]["timing_meaningful"] is False and data["meta"]["world_size"] == 2
     (entry,) = data["entries"]

@@ -21,21 +21,29 @@ B, T = 2, 6
 
 
 def _worker(rank: int, port: int, case: dict) -> dict:
-    os.environ["TRITON_INTERPRET"] = "1"
+    """One rank; ``case["backend"]`` "gloo" (CPU, interpreter) or "nccl" (one GPU per rank)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
-                            timeout=datetime.timedelta(seconds=60))
+    nccl = case.get("backend") == "nccl"
+    kwargs = {}
+    if nccl:
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device("cuda", rank)
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = f"cuda:{rank}" if nccl else "cpu"
+    dist.init_process_group(case.get("backend", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=case["W"], timeout=datetime.timedelta(seconds=60), **kwargs)
     from model import HybridDecoder, get_config, shard_experts
 
     config = get_config("tiny")
     W = case["W"]
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(3)  # the same full weights on every rank
-    full = HybridDecoder(config, "kernels")
-    ids = torch.randint(0, config.vocab_size, (W * B, T), generator=g)
-    probe = torch.randn(W * B, T, config.vocab_size, generator=g)
-    ep = HybridDecoder(config, "kernels", ep_group=dist.group.WORLD)
+    full = HybridDecoder(config, "kernels").to(device)
+    ids = torch.randint(0, config.vocab_size, (W * B, T), generator=g).to(device)
+    probe = torch.randn(W * B, T, config.vocab_size, generator=g).to(device)
+    ep = HybridDecoder(config, "kernels", ep_group=dist.group.WORLD, device=device)
     ep.load_state_dict(shard_experts(full.state_dict(), rank, W))
     rows = slice(rank * B, (rank + 1) * B)
     logits, _ = ep(ids[rows])
@@ -46,29 +54,34 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         if not name.endswith(("moe.w_gate_up", "moe.w_down")):
             dist.all_reduce(grad)  # replicated weights: each rank saw its own tokens only
         grads[name] = grad
-    result = {"logits": logits.detach(), "grads": grads}
+    result = {"logits": logits.detach().cpu(), "grads": {n: t.cpu() for n, t in grads.items()}}
     if rank == 0:
         want, _ = full(ids)
         (want * probe).sum().backward()
-        result["full"] = {"logits": want.detach(), "grads": {n: p.grad for n, p in full.named_parameters()}}
+        result["full"] = {"logits": want.detach().cpu(), "grads": {n: p.grad.cpu() for n, p in full.named_parameters()}}
+    if nccl:
+        torch.cuda.synchronize()
     dist.destroy_process_group()
     return result
 
 
-@pytest.mark.timeout(300)
-def test_expert_parallel_model_equals_the_full_model(tmp_path):
-    from model import get_config
+def check_expert_parallel_model(case: dict, tmp_path) -> None:
+    """Spawn ``case["W"]`` ranks of :func:`_worker` and compare with the full model."""
     from model.moe import shard_experts
 
-    W = 2
-    results = spawn_ranks(_worker, {"W": W}, tmp_path, 240)
+    W = case["W"]
+    results = spawn_ranks(_worker, case, tmp_path, 240)
     full = results[0]["full"]
     assert_close("logits", torch.cat([r["logits"] for r in results]), full["logits"], TOL)
     shards = [shard_experts(full["grads"], r, W) for r in range(W)]
     for name in full["grads"]:
         for r, res in enumerate(results):
             assert_close(f"rank {r} grad {name}", res["grads"][name], shards[r][name], TOL)
-    assert get_config("tiny").num_experts % W == 0
+
+
+@pytest.mark.timeout(300)
+def test_expert_parallel_model_equals_the_full_model(tmp_path):
+    check_expert_parallel_model({"W": 2, "backend": "gloo"}, tmp_path)
 
 
 def test_bad_expert_parallel_arguments():
