@@ -252,7 +252,8 @@ def tune(
         else:
             written = write_configs(t.name, entries, run.meta(), slug=slug, root=out_dir)
             if written.replaced.status in ("corrupt", "stale"):
-                console.print(f"[yellow]replaced {written.replaced.status} file[/] ({written.replaced.problem})")
+                console.print(f"[yellow]replaced {written.replaced.status} file[/] ({written.replaced.problem}); "
+                              f"the old one is now {written.kept}")
             console.print(f"wrote {len(entries)} bucket(s) to {written.path} ({written.entries} in the file)")
     if interpret:
         console.rule(f"[bold red]{MEANINGLESS}[/]")

@@ -297,7 +297,8 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
             "strategy": "exhaustive", "timing_meaningful": not args.cpu, "reps": args.reps, "wall_s": round(wall_s, 3)}
     root = Path(args.out_dir) if args.out_dir else None
     written = writer.write_configs(schedule.KERNEL, entries, meta, slug="cpu" if args.cpu else None, root=root)
-    print(f"wrote {len(entries)} bucket(s) to {written.path}")
+    kept = f" (the {written.replaced.status} file it replaced is now {written.kept})" if written.kept else ""
+    print(f"wrote {len(entries)} bucket(s) to {written.path}{kept}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ A write merges into what the file already holds: under an exclusive ``flock`` on
 both, the entry tuned later wins), writes a temp file in the same folder and renames it over
 the old one. Readers see the old file or the new one, never half of one, and two tuners
 writing different buckets both keep theirs. A corrupt file, or one written under another
-triton major.minor (stale: the runtime ignores it), is replaced rather than merged.
+triton major.minor (stale: the runtime ignores it), is replaced rather than merged; the old
+file is kept beside it as ``<kernel>.json.<status>`` (a stale file is still good on the stack
+that wrote it, so nothing tuned is lost).
 
 ``meta`` describes the run that wrote the file last; every entry carries its own date,
 strategy, candidate count and tuning time. After a write the runtime's lookup cache is
@@ -79,6 +81,7 @@ class Written:
     path: Path
     entries: int  # entries in the file after the merge
     replaced: ConfigFile  # the file found before the write (missing, ok, corrupt or stale)
+    kept: Path | None = None  # where a replaced corrupt or stale file was moved
 
 
 def write_configs(
@@ -90,6 +93,10 @@ def write_configs(
     with _locked(path):
         before = read_config_file(path)
         merged = merge_entries(before.entries if before.status == "ok" else [], entries)
+        kept = None
+        if before.status in ("corrupt", "stale"):
+            kept = path.with_name(f"{path.name}.{before.status}")
+            os.replace(path, kept)
         _write_atomic(path, {"kernel": kernel, "meta": meta, "entries": merged})
     clear_cache()
-    return Written(path, len(merged), before)
+    return Written(path, len(merged), before, kept)

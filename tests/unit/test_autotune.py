@@ -375,9 +375,12 @@ def test_corrupt_or_stale_file_is_replaced(config_dir, status):
     path.parent.mkdir()
     path.write_text("{half a file" if status == "corrupt" else json.dumps(
         {"meta": {"triton": "2.0.0"}, "entries": [entry(1024, {"BT": 32})]}))
+    old = path.read_text()
     written = writer.write_configs("k", [entry(4096, {"BT": 64})], meta(), slug="gpu")
     assert written.replaced.status == status and written.entries == 1
     assert [e["key"]["T"] for e in _config.read_config_file(path).entries] == [4096]
+    # nothing lost: the replaced file is kept beside the new one, byte for byte
+    assert written.kept == path.with_name(f"k.json.{status}") and written.kept.read_text() == old
 
 
 def write_many(root: str, first_T: int, count: int, barrier) -> None:
