@@ -22,8 +22,9 @@ local GEMMs, inside the schedule, while the exchanges of other chunks run beside
 experts' own time under overlap, whose slowdown against ``compute`` is the second number
 issue 6 bounds (``expert_slowdown`` = experts under overlap / compute - 1).
 
-Rank 0 appends every measurement to ``<results>/moe_ffn_ep.jsonl`` (one schema,
-``profiling.results``) and writes the winners to ``<config root>/<gpu-slug>/moe_ffn_ep.json``
+As soon as a token count is done, rank 0 appends its measurements to
+``<results>/moe_ffn_ep.jsonl`` (one schema, ``profiling.results``) and merges its winner into
+``<config root>/<gpu-slug>/moe_ffn_ep.json`` (a killed run keeps every finished T),
 keyed by ``kernels.a2a_overlap.schedule.bucket_key`` (world size, shapes, dtype, T), the file
 ``moe_ffn_ep(num_chunks=None)`` reads. This is the autotuner's exhaustive strategy for a
 multi-process kernel: the single-process engine (``autotune.runner``) cannot run collectives.
@@ -191,6 +192,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
         from kernels.a2a_overlap import moe_ffn_ep
 
         dims = TINY if cpu else MINIMAX
+        started = time.perf_counter()
         timer = _Timer(device, args.reps)
         experts_clock = _ExpertClock(device)
         rows = []
@@ -215,12 +217,13 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                                      "rel_err": err.item(), "times": timer(lambda: run(C, K)),
                                      "experts_times": experts_clock(lambda: run(C, K))})
                 if rank == 0:
+                    # each T is saved (results lines, config entry) as soon as it is measured:
+                    # a run that is killed keeps every T it finished
                     print(f"T={T}: " + ", ".join(f"{r['name']} {statistics.median(r['times']):.3f} ms"
                                                  for r in rows if r["T"] == T), flush=True)
+                    _save({"rows": [r for r in rows if r["T"] == T], "dims": dims,
+                           "dtype": str(dtype).removeprefix("torch."), "W": W}, args, time.perf_counter() - started)
                 del inp
-        if rank == 0:
-            torch.save({"rows": rows, "dims": dims, "dtype": str(dtype).removeprefix("torch."), "W": W,
-                        "device": device}, os.path.join(outdir, "rows.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -299,6 +302,11 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
     written = writer.write_configs(schedule.KERNEL, entries, meta, slug="cpu" if args.cpu else None, root=root)
     kept = f" (the {written.replaced.status} file it replaced is now {written.kept})" if written.kept else ""
     print(f"wrote {len(entries)} bucket(s) to {written.path}{kept}")
+    for T, s in summary.items():
+        m = s["medians"]
+        print(f"T={T}: comm {m['comm']:.3f} ms, compute {m['compute']:.3f}, serial {m['serial']:.3f}, "
+              f"ours {s['ours_ms']:.3f} ({s['best']['name']}): {100 * s['hidden']:.0f}% of comm hidden, "
+              f"experts {s['experts_ms']:.3f} ms under it ({100 * s['expert_slowdown']:+.1f}%)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.get_context("spawn")
         port = _free_port()
-        t0 = time.perf_counter()
         procs = [ctx.Process(target=_rank_main, args=(r, W, port, args, outdir)) for r in range(W)]
         for p in procs:
             p.start()
@@ -336,13 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         if errors or any(p.exitcode != 0 for p in procs):
             print("\n".join(errors) or f"exit codes {[p.exitcode for p in procs]}")
             return 1
-        result = torch.load(os.path.join(outdir, "rows.pt"))
-    _save(result, args, time.perf_counter() - t0)
-    for T, s in summarise(result["rows"]).items():
-        m = s["medians"]
-        print(f"T={T}: comm {m['comm']:.3f} ms, compute {m['compute']:.3f}, serial {m['serial']:.3f}, "
-              f"ours {s['ours_ms']:.3f} ({s['best']['name']}): {100 * s['hidden']:.0f}% of comm hidden, "
-              f"experts {s['experts_ms']:.3f} ms under it ({100 * s['expert_slowdown']:+.1f}%)")
     return 0
 
 

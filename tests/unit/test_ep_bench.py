@@ -42,20 +42,21 @@ def test_summarise_hidden_fraction_and_checked_winner():
 @pytest.mark.timeout(240)
 def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, monkeypatch):
     results, configs = tmp_path / "results", tmp_path / "configs"
-    code = ep_bench.main(["--cpu", "--tokens", "3", "--chunks", "1,2", "--reps", "1",
+    code = ep_bench.main(["--cpu", "--tokens", "3,5", "--chunks", "1,2", "--reps", "1",
                           "--results", str(results), "--out-dir", str(configs)])
     assert code == 0
     records, bad = read_results(results / "moe_ffn_ep.jsonl")
     assert not bad
-    names = sorted(r.extra["name"] for r in records)
+    names = sorted(r.extra["name"] for r in records if r.shape["T"] == 3)
     assert names == ["chunks2-ctas0", "comm", "compute", "serial"]
-    assert sum(r.provider == "ours" for r in records) == 1
+    assert sorted(r.shape["T"] for r in records if r.provider == "ours") == [3, 5]  # one winner per T
     assert all(r.median_ms > 0 and r.shape["W"] == 2 for r in records)
     schedules = [r for r in records if r.extra["name"] not in ("comm", "compute")]
     assert all(r.extra["experts_ms"] > 0 for r in schedules)  # the experts clock ran inside each
     data = json.loads((configs / "cpu" / "moe_ffn_ep.json").read_text())
     assert data["meta"]["timing_meaningful"] is False and data["meta"]["world_size"] == 2
-    (entry,) = data["entries"]
+    entry = next(e for e in data["entries"] if e["key"]["T"] == 4)  # T=3 -> bucket 4 (T=5 -> 8)
+    assert sorted(e["key"]["T"] for e in data["entries"]) == [4, 8]  # each T merged in as it finished
     dims = ep_bench.TINY
     assert entry["key"] == schedule.bucket_key(2, dims["E"], dims["Hd"], dims["F"], 3, torch.float32)
     monkeypatch.setenv("KWB_CONFIG_DIR", str(configs))
