@@ -267,10 +267,11 @@ def info(
     batch: Annotated[int, typer.Option(help="Batch size of the --model plan.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Prefill length of the --model plan.")] = 4096,
     backward: Annotated[bool, typer.Option(help="Also list the training backward's launches in the --model plan.")] = False,
+    ep: Annotated[int, typer.Option(help="Experts sharded over this many ranks in the --model plan (1: none).")] = 1,
 ) -> None:
     """Show the GPU, versions, and which config file and buckets each kernel would use."""
     if model is not None:
-        _model_plan(model, batch, seq_len, backward)
+        _model_plan(model, batch, seq_len, backward, ep)
         return
     from autotune import tunable as registry
     from kernels import _config
@@ -325,7 +326,7 @@ def _print_config_file(console: Console, kernel: str, how: str = "") -> None:
     console.print(entries)
 
 
-def _model_plan(name: str, batch: int, seq_len: int, backward: bool) -> None:
+def _model_plan(name: str, batch: int, seq_len: int, backward: bool, ep: int) -> None:
     """``kwb info --model NAME``: every kernel launch of the model with its file, bucket, config."""
     from kernels import _config
     from model import kernel_plan
@@ -333,11 +334,12 @@ def _model_plan(name: str, batch: int, seq_len: int, backward: bool) -> None:
     console = Console()
     phases = ("prefill", "decode") + (("backward",) if backward else ())
     try:
-        rows = kernel_plan(name, batch, seq_len, phases=phases)
+        rows = kernel_plan(name, batch, seq_len, phases=phases, ep_size=ep)
     except ValueError as exc:
         console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(code=2)
-    console.print(f"model {name}: batch {batch}, prefill {seq_len} tokens; configs for {_config.device_slug()} "
+    console.print(f"model {name}: batch {batch}, prefill {seq_len} tokens"
+                  + (f", experts over {ep} ranks (per rank)" if ep > 1 else "") + f"; configs for {_config.device_slug()} "
                   f"under {_config.config_root()}")
     table = Table(title=f"{len(rows)} launches (the lookup each makes at run time; nothing is tuned at run time)")
     for column in ("layer", "kind", "phase", "op", "kernel", "bucket", "file", "config"):

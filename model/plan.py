@@ -17,6 +17,12 @@ Launches per layer (M = tokens * top_k rows of the MoE GEMMs; F the expert hidde
   halves the config's BLOCK_N) and for ``h @ w_down``; backward: ``grouped_gemm_dw`` for each
   weight gradient, ``grouped_gemm_dx`` for the SwiGLU backward and for dX. The routing
   combine kernels use a fixed config (``routing.COMBINE_CONFIG``) and are not listed.
+- with expert parallelism over W ranks (``ep_size``): first the ``moe_ffn_ep`` schedule
+  lookup (keyed by W and the tokens per rank; forward only, the backward runs the forward's
+  chunks), then the grouped GEMMs of one chunk of the schedule: E/W/C local experts and,
+  assuming balanced routing, M/C rows (a rank receives about tokens * top_k rows in all).
+  The token-count all-reduce that agrees on the schedule across ranks is not modelled: the
+  plan assumes every rank has ``batch * seq_len`` tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Callable
 import torch
 
 from kernels import _config
+from kernels.a2a_overlap import schedule as ep_schedule
 from kernels.lightning_attn import backward as lightning_bwd
 from kernels.lightning_attn import decode as lightning_dec
 from kernels.lightning_attn import forward as lightning_fwd
@@ -84,9 +91,19 @@ def _lightning_launches(D: int, batch: int, seq_len: int, dtype: torch.dtype) ->
     ]
 
 
-def _moe_launches(config: ModelConfig, phase: str, tokens: int, dtype: torch.dtype) -> list[_Launch]:
-    E, Hd, F = config.num_experts, config.hidden_size, config.expert_hidden_size
-    M = tokens * config.top_k
+def _ep_launch(config: ModelConfig, phase: str, tokens: int, dtype: torch.dtype, ep_size: int) -> _Launch:
+    key = ep_schedule.bucket_key(ep_size, config.num_experts, config.hidden_size, config.expert_hidden_size, tokens, dtype)
+    fits = lambda c: ep_schedule.valid_config(c) and c["num_chunks"] <= config.num_experts // ep_size  # noqa: E731
+    return _Launch(phase, f"moe expert-parallel schedule (W={ep_size})", ep_schedule.KERNEL, key,
+                   dict(ep_schedule.DEFAULT_CONFIG), fits, ("T",))
+
+
+def _moe_launches(config: ModelConfig, phase: str, tokens: int, dtype: torch.dtype, chunks: int = 1,
+                  ep_size: int = 1) -> list[_Launch]:
+    """The grouped GEMMs of one MoE call, or of one of its ``chunks`` on one of ``ep_size`` ranks."""
+    E = config.num_experts // ep_size // chunks
+    Hd, F = config.hidden_size, config.expert_hidden_size
+    M = max(tokens * config.top_k // chunks, 1)
     gemm, dw = default_config(E, M), default_dw_config(E, M)
     swiglu = functools.partial(valid_config, swiglu=True)
     forward = [
@@ -111,6 +128,7 @@ def kernel_plan(
     dtype: torch.dtype = torch.bfloat16,
     phases: tuple[str, ...] = ("prefill", "decode"),
     slug: str | None = None,
+    ep_size: int = 1,
 ) -> list[PlanRow]:
     """Every kernel launch of the model, layer by layer, with its bucket and config.
 
@@ -120,6 +138,8 @@ def kernel_plan(
         dtype: the model's dtype (the kernels' buckets include it).
         phases: which of ``prefill``, ``decode`` (one token per sequence), ``backward``.
         slug: plan for this GPU's config folder (default: this machine's, ``cpu`` without a GPU).
+        ep_size: ranks the experts are sharded over (``HybridDecoder(ep_group=...)``); 1: none.
+            ``batch`` is then the sequences of one rank.
 
     Returns:
         :class:`PlanRow` s ordered by layer, then phase (in ``phases`` order), then launch order.
@@ -135,18 +155,33 @@ def kernel_plan(
         raise ValueError(f"phases must be a non-empty tuple of {PHASES}, got {phases!r}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or config.num_experts % ep_size:
+        raise ValueError(f"ep_size must be a positive int dividing num_experts = {config.num_experts}, got {ep_size!r}")
 
     status = functools.cache(lambda kernel: _config.read_config_file(_config.config_path(kernel, slug)).status)
 
-    def row(layer: int, kind: str, launch: _Launch) -> PlanRow:
-        used = _config.lookup_launchable(launch.kernel, launch.key, default=launch.default, valid=launch.valid,
+    def resolve(launch: _Launch) -> dict:
+        return _config.lookup_launchable(launch.kernel, launch.key, default=launch.default, valid=launch.valid,
                                          near=launch.near, slug=slug)
+
+    def row(layer: int, kind: str, launch: _Launch) -> PlanRow:
         path = str(_config.config_path(launch.kernel, slug))
-        return PlanRow(layer, kind, launch.phase, launch.op, launch.kernel, launch.key, path, status(launch.kernel), used)
+        return PlanRow(layer, kind, launch.phase, launch.op, launch.kernel, launch.key, path, status(launch.kernel),
+                       resolve(launch))
 
     D = config.head_dim
     lightning = {launch.phase: launch for launch in _lightning_launches(D, batch, seq_len, dtype)}
-    moe = {phase: _moe_launches(config, phase, batch if phase == "decode" else batch * seq_len, dtype) for phase in phases}
+    moe = {}
+    for phase in phases:
+        tokens = batch if phase == "decode" else batch * seq_len
+        if ep_size == 1:
+            moe[phase] = _moe_launches(config, phase, tokens, dtype)
+        else:
+            # the schedule is looked up in the forward; the backward runs the forward's chunks
+            ep = _ep_launch(config, phase, tokens, dtype, ep_size)
+            chunks = resolve(ep)["num_chunks"]
+            moe[phase] = ([] if phase == "backward" else [ep]) + _moe_launches(config, phase, tokens, dtype, chunks,
+                                                                                ep_size)
     rows = []
     for layer, kind in enumerate(config.layer_kinds):
         for phase in phases:

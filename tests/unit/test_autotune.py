@@ -521,3 +521,7 @@ def test_cli_info_model_lists_every_layer(config_dir):
     assert "lightning_attn_fwd" in result.output and "grouped_gemm" in result.output and "missing" in result.output
     bad = runner.invoke(app, ["info", "--model", "nope"])
     assert bad.exit_code == 2 and "tiny" in bad.output
+    ep = runner.invoke(app, ["info", "--model", "tiny", "--ep", "2"], env={"COLUMNS": "250"})
+    assert ep.exit_code == 0 and "experts over 2 ranks" in ep.output and "moe_ffn_ep" in ep.output, ep.output
+    bad_ep = runner.invoke(app, ["info", "--model", "tiny", "--ep", "3"])
+    assert bad_ep.exit_code == 2 and "ep_size" in bad_ep.output

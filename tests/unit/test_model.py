@@ -269,6 +269,26 @@ def test_kernel_plan_reads_tuned_files_like_the_kernels(config_dir):
     assert [r.layer for r in sdpa] == [7, 7] and all(r.config_file is None for r in sdpa)
 
 
+@pytest.mark.filterwarnings("ignore:kwb:RuntimeWarning")  # missing files fall back to the defaults
+def test_kernel_plan_with_expert_parallelism(config_dir):
+    """ep_size=4: a moe_ffn_ep schedule row per layer (forward phases only) keyed by W and the
+    tokens per rank; the GEMM rows are one chunk's: E/W/C experts and M/C rows, with C from
+    the tuned schedule. A bad ep_size raises."""
+    from kernels.a2a_overlap import schedule
+
+    ep_key = schedule.bucket_key(4, 32, 6144, 9216, 4096, torch.bfloat16)
+    _write_config(schedule.KERNEL, [(ep_key, {"num_chunks": 2, "comm_ctas": 16})])
+    rows = kernel_plan("bench", batch=1, seq_len=4096, phases=("prefill", "backward"), slug="test-gpu", ep_size=4)
+    ep = [r for r in rows if r.kernel == schedule.KERNEL]
+    assert len(ep) == 8 and all(r.phase == "prefill" and r.key == ep_key for r in ep)
+    assert all(r.config == {"num_chunks": 2, "comm_ctas": 16} for r in ep)
+    gemms = [r for r in rows if r.kernel.startswith("grouped_gemm")]
+    assert len(gemms) == 8 * (2 + 4) and {(r.key["E"], r.key["M"]) for r in gemms} == {(32 // 4 // 2, 4096)}
+    for bad in (3, 0, True):
+        with pytest.raises(ValueError, match="ep_size"):
+            kernel_plan("bench", batch=1, seq_len=16, ep_size=bad)
+
+
 def test_softmax_every_sets_the_pattern():
     smaller = dataclasses.replace(TINY, num_layers=6, softmax_every=3)
     assert smaller.layer_kinds == (LIGHTNING, LIGHTNING, SOFTMAX) * 2
