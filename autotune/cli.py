@@ -11,6 +11,7 @@ functions are built then), so ``--interpret`` has to set it first.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -224,26 +225,32 @@ def tune(
         )
         done: list[BucketResult] = []
 
+        appended = [0]
+
         def checkpoint(bucket: BucketResult) -> None:
-            """Save each bucket's winner as soon as its bucket ends, so a run that is killed
-            (a timeout, Ctrl-C, a lost machine) keeps every bucket it finished."""
+            """Save each bucket's winner (and, with --results, its result lines; their
+            ``run_wall_s`` is the run's wall time so far) as soon as its bucket ends, so a
+            run that is killed (a timeout, Ctrl-C, a lost machine) keeps every bucket it
+            finished."""
             done.append(bucket)
+            partial = TuneRun(kernel=t.name, strategy=strategy, device=tuner.device,
+                              timing_meaningful=tuner.timing_meaningful, rep_ms=tuner.rep_ms, buckets=list(done),
+                              wall_s=sum(b.wall_s for b in done), worker_restarts=0, telemetry={})
             if write and bucket.best is not None:
-                partial = TuneRun(kernel=t.name, strategy=strategy, device=tuner.device,
-                                  timing_meaningful=tuner.timing_meaningful, rep_ms=tuner.rep_ms, buckets=list(done),
-                                  wall_s=sum(b.wall_s for b in done), worker_restarts=0, telemetry={})
                 write_configs(t.name, [bucket.entry(strategy)], partial.meta(), slug=slug, root=out_dir)
+            if results is not None:
+                from autotune.records import tune_records
+                from profiling import append_records
+
+                this_bucket = dataclasses.replace(partial, buckets=[bucket])
+                appended[0] += append_records(tune_records(t, this_bucket), results / f"{t.name}-tune.jsonl")
 
         run = _run_with_progress(console, tuner, jobs, strategy, checkpoint)
         console.print(_results_table(run, t, gpu_name))
         _print_failures(console, run)
         incomplete |= any(b.best is None for b in run.buckets)
         if results is not None:
-            from autotune.records import tune_records
-            from profiling import append_records
-
-            path = results / f"{t.name}-tune.jsonl"
-            console.print(f"appended {append_records(tune_records(t, run), path)} result lines to {path}")
+            console.print(f"appended {appended[0]} result lines to {results / f'{t.name}-tune.jsonl'}")
         entries = run.entries()
         if not write:
             console.print("[yellow]not written[/]: --interpret results go only to --out-dir or $KWB_CONFIG_DIR")

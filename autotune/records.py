@@ -2,7 +2,8 @@
 
 One ``mode="tune"`` line per timed candidate (``provider="candidate"``; the heatmaps read
 these) and one per bucket (``provider="tuned"``: the winner, with the strategy, candidates
-tried, the bucket's and the run's wall time, and the default config's time; the strategy
+tried, the bucket's wall time and the run's wall time when the bucket ended (``kwb tune``
+appends each bucket's lines as soon as it ends), and the default config's time; the strategy
 comparison reads these). Wrong, failed and crashed candidates have no time and stay in the
 config file's ``failures``.
 """

@@ -26,6 +26,7 @@ from autotune.result import Result, config_key
 from autotune.runner import Tuner, plan
 from kernels import _config
 from kernels.lightning_attn import forward, lightning_attn
+from profiling import read_results
 from reference.lightning_attn import lightning_attn_ref
 from tests.helpers import TOLERANCE, assert_close
 from tests.unit.test_config_lookup import launch_spy  # noqa: F401  (a fixture)
@@ -459,12 +460,17 @@ def test_cli_tune_keeps_the_buckets_it_finished_when_killed(config_dir, monkeypa
 
     monkeypatch.setattr(Tuner, "_tune_bucket", interrupted_in_the_second)
     shapes = "T=16,H=1,D=16;T=40,H=1,D=16"
-    result = runner.invoke(app, ["tune", "lightning_attn_fwd", "--shapes", shapes, "--interpret", "--strategy", "local"])
+    results = config_dir / "results"
+    result = runner.invoke(app, ["tune", "lightning_attn_fwd", "--shapes", shapes, "--interpret", "--strategy", "local",
+                                 "--results", str(results)])
     assert result.exit_code != 0 and len(calls) == 2, result.output  # click reports the interrupt as an abort
     data = json.loads((config_dir / "cpu" / "lightning_attn_fwd.json").read_text())
     first, second = (lightning.TUNABLE.bucket(lightning.TUNABLE.parse_shape(s)) for s in shapes.split(";"))
     assert [e["key"] for e in data["entries"]] == [first] != [second]
     assert data["meta"]["buckets"] == 1 and data["meta"]["strategy"] == "local"
+    lines, bad = read_results(results / "lightning_attn_fwd-tune.jsonl")  # the first bucket's lines, kept too
+    assert not bad and {r.extra["bucket"]["T"] for r in lines} == {first["T"]}
+    assert sum(r.provider == "tuned" for r in lines) == 1
 
 
 @needs_no_gpu
