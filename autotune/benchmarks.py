@@ -20,7 +20,7 @@ import torch
 from autotune.lightning import reference_bwd
 from kernels import _config
 from kernels.lightning_attn import backward, decode, forward, lightning_attn, lightning_decode, minimax_slopes
-from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
+from profiling import Record, TelemetrySampler, Timing, bench, make_rotation, record_from_timing, source_hash
 from reference.lightning_attn import lightning_attn_chunked_ref, lightning_decode_ref
 
 LIGHTNING_SHAPES = [
@@ -76,6 +76,18 @@ def _sdpa_fwd(q, k, v, s):
 
 
 LIGHTNING_PROVIDERS = {"ours": _ours_fwd, "fla": _fla_fwd, "sdpa": _sdpa_fwd}
+
+
+def checked_timing(case) -> tuple[Timing, dict]:
+    """The measuring step every benchmark case shares: ``case.check()`` against its reference
+    (a relative error, or None, goes to ``case.extra["rel_err_vs_ref"]``), then ``case.call``
+    timed by ``profiling.bench`` under a telemetry sampler. Returns (timing, telemetry summary)."""
+    err = case.check()
+    if err is not None:
+        case.extra["rel_err_vs_ref"] = err
+    with TelemetrySampler() as sampler:
+        timing = bench(case.call)
+    return timing, sampler.summary()
 
 
 def kernel_source_hash(*modules) -> str:
@@ -145,12 +157,8 @@ class LightningCase:
 
     def measure(self) -> Record:
         """Check, then time (CUDA events, median/p20/p80) under a telemetry sampler."""
-        err = self.check()
-        if err is not None:
-            self.extra["rel_err_vs_ref"] = err
+        timing, telemetry = checked_timing(self)
         self.extra["peak_alloc_over_q"] = round(self.peak_extra_over_q(), 3)
-        with TelemetrySampler() as sampler:
-            timing = bench(self.call)
         B, T, H, D, E = (self.shape[k] for k in "BTHDE")
         config = {}
         if self.provider == "ours":
@@ -163,7 +171,7 @@ class LightningCase:
             timing, kernel=self.kernel, provider=self.provider, mode=self.mode, shape=self.shape,
             dtype=str(self.dtype).removeprefix("torch."), config=config, x_name="T", x_value=T,
             bytes=lightning_bytes(self.shape, self.mode, self.dtype.itemsize), flops=lightning_flops(self.shape, self.mode),
-            telemetry=sampler.summary(), extra=dict(self.extra),
+            telemetry=telemetry, extra=dict(self.extra),
         )
 
 
@@ -224,11 +232,7 @@ class DecodeCase:
         return max(((a.double() - b).norm() / b.norm()).item() for a, b in ((o, want_o), (new_state, want_state)))
 
     def measure(self) -> Record:
-        err = self.check()
-        if err is not None:
-            self.extra["rel_err_vs_ref"] = err
-        with TelemetrySampler() as sampler:
-            timing = bench(self.call)
+        timing, telemetry = checked_timing(self)
         B, H, D, E = (self.shape[k] for k in "BHDE")
         config = self.config or {}
         if self.provider == "ours":
@@ -238,7 +242,7 @@ class DecodeCase:
             timing, kernel=decode.KERNEL, provider=self.provider, mode="decode", shape=self.shape,
             dtype=str(self.dtype).removeprefix("torch."), config=config, x_name="B", x_value=B,
             bytes=decode_bytes(self.shape, self.dtype.itemsize), flops=4 * B * H * D * E,
-            telemetry=sampler.summary(), extra=dict(self.extra),
+            telemetry=telemetry, extra=dict(self.extra),
         )
 
 

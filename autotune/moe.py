@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from autotune.benchmarks import checked_timing
 from autotune.tunable import Config, Shape, Tunable, parse_shape_text, register
 from autotune.worker import rel_error
 from kernels.moe_gemm.grouped_gemm import (
@@ -430,11 +431,7 @@ class GroupedGemmCase:
 
     def measure(self) -> Record:
         """Check, then time (CUDA events, median/p20/p80) under a telemetry sampler."""
-        err = self.check()
-        if err is not None:
-            self.extra["rel_err_vs_ref"] = err
-        with TelemetrySampler() as sampler:
-            timing = bench(self.call)
+        timing, telemetry = checked_timing(self)
         config = {}
         if self.provider == "ours":
             key = {"fwd": bucket_fwd, "dx": bucket_dx, "dw": bucket_dw}[self.mode](self.tshape)
@@ -449,7 +446,7 @@ class GroupedGemmCase:
             timing, kernel=self.kernel, provider=self.provider, mode="fwd" if self.mode == "fwd" else "bwd",
             shape=dict(self.shape), dtype=str(self.dtype).removeprefix("torch."), config=config,
             x_name="tokens", x_value=self.shape["T"], bytes=bytes_moved(self.tshape), flops=flops,
-            telemetry=sampler.summary(), extra=dict(self.extra),
+            telemetry=telemetry, extra=dict(self.extra),
         )
 
 
