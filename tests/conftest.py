@@ -15,7 +15,9 @@ if not HAS_CUDA:
 _torch_empty = torch.empty
 
 
-def _nan_empty(*args, **kwargs):
+def nan_empty(*args, **kwargs):
+    """``torch.empty`` whose floating-point buffers start as NaN (spawned test ranks install
+    it themselves: they do not run the fixture below)."""
     out = _torch_empty(*args, **kwargs)
     if out.is_floating_point():
         out.fill_(float("nan"))
@@ -28,7 +30,7 @@ def poison_outputs(request, monkeypatch):
     element a kernel forgot to write fails the comparison. Not in benchmarks: the fill is a
     memset inside the timed call (it added ~18% to the forward at T=16K on an H100)."""
     if "benchmarks" not in request.node.path.parts:
-        monkeypatch.setattr(torch, "empty", _nan_empty)
+        monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 @pytest.fixture

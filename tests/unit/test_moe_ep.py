@@ -45,18 +45,6 @@ def _inputs(case: dict) -> dict:
     }
 
 
-def _nan_empty_factory():
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
-
-    return nan_empty
-
-
 def _run_rank(fn, inp, rank, case, **kw):
     """Run fn on this rank's slice/shard; return out and grads (x, logits, w_gate_up, w_down)."""
     W, E = case["W"], case["E"]
@@ -84,7 +72,9 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         os.environ["KWB_CONFIG_DIR"] = case["config_dir"]
     import torch.distributed as dist
 
-    torch.empty = _nan_empty_factory()  # unwritten outputs fail the comparison
+    from tests.conftest import nan_empty
+
+    torch.empty = nan_empty  # unwritten outputs fail the comparison
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=case["W"],
         timeout=datetime.timedelta(seconds=case.get("pg_timeout_s", 60)),
