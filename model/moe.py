@@ -66,6 +66,12 @@ def expert_parallel_size(ep_group, num_experts: int) -> int:
     return W
 
 
+def is_expert_weight(name: str) -> bool:
+    """Whether a state-dict / parameter name is an expert weight (sharded under expert
+    parallelism; every other weight is replicated)."""
+    return _EXPERT_WEIGHT.search(name) is not None
+
+
 def shard_experts(state_dict: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """A full model's state dict -> rank ``rank``'s of ``world_size``: every ``*.moe.w_gate_up``
     and ``*.moe.w_down`` cut to experts ``[rank * E/W, (rank + 1) * E/W)`` (views, no copy);
@@ -74,7 +80,7 @@ def shard_experts(state_dict: dict[str, torch.Tensor], rank: int, world_size: in
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     out = {}
     for name, t in state_dict.items():
-        if _EXPERT_WEIGHT.search(name):
+        if is_expert_weight(name):
             if t.shape[0] % world_size:
                 raise ValueError(f"{name}: {t.shape[0]} experts do not split over {world_size} ranks")
             n = t.shape[0] // world_size

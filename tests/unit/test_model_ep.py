@@ -35,6 +35,7 @@ def _worker(rank: int, port: int, case: dict) -> dict:
     dist.init_process_group(case.get("backend", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=case["W"], timeout=datetime.timedelta(seconds=60), **kwargs)
     from model import HybridDecoder, get_config, shard_experts
+    from model.moe import is_expert_weight
 
     config = get_config("tiny")
     W = case["W"]
@@ -51,7 +52,7 @@ def _worker(rank: int, port: int, case: dict) -> dict:
     grads = {}
     for name, p in ep.named_parameters():
         grad = p.grad.clone()
-        if not name.endswith(("moe.w_gate_up", "moe.w_down")):
+        if not is_expert_weight(name):
             dist.all_reduce(grad)  # replicated weights: each rank saw its own tokens only
         grads[name] = grad
     result = {"logits": logits.detach().cpu(), "grads": {n: t.cpu() for n, t in grads.items()}}
