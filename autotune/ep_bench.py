@@ -8,10 +8,13 @@ One process per GPU (NCCL). For each token count per rank T, on the same routed 
 top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank times:
 
 - ``comm``: the dispatch and the combine all-to-all of the serial schedule, nothing else;
-- ``compute``: the local experts on the rows the dispatch delivered (grouped GEMMs, SwiGLU);
+- ``compute``: the local experts on the rows the dispatch delivered (the grouped GEMMs with
+  the gather and SwiGLU fused in; the sort by expert is done outside the timed region);
 - ``serial``: ``moe_ffn_ep`` with one chunk (exchange, experts, exchange back);
 - ``chunks{C}-ctas{K}``: the overlap schedule with C chunks (groups of local experts, C <= E/W;
-  larger C are skipped) and NCCL limited to K CTAs (K = 0: NCCL's own choice).
+  larger C are skipped) and NCCL limited to K CTAs (K = 0: NCCL's own choice);
+- ``copy-chunks{C}``: the same schedule on the copy transport (copy engines pulling from the
+  peers' symmetric-memory workspaces; ``kernels/a2a_overlap/copy_exchange.py``).
 
 A time is the median over repetitions of the slowest rank's CUDA-event time (the ranks
 all-reduce each repetition's time with MAX). Every candidate's output is checked against the
@@ -90,7 +93,7 @@ class _Timer:
 
 class _ExpertClock:
     """The experts' own time inside ``moe_ffn_ep``: events around every call of
-    ``api._experts_local`` on the compute stream, summed per call of ``fn``, slowest rank per
+    ``api._experts`` (the grouped GEMMs) on the compute stream, summed per call of ``fn``, slowest rank per
     repetition. Each chunk's start event follows its dispatch wait, so a span is the GEMMs'
     time with whatever else (other chunks' exchanges) runs beside them."""
 
@@ -102,7 +105,7 @@ class _ExpertClock:
 
         from kernels.a2a_overlap import api
 
-        real, spans = api._experts_local, []
+        real, spans = api._experts, []
 
         def timed(*args, **kwargs):
             if not self.cuda:
@@ -118,7 +121,7 @@ class _ExpertClock:
             return out
 
         totals = []
-        api._experts_local = timed
+        api._experts = timed
         try:
             for _ in range(self.reps):
                 spans.clear()
@@ -129,7 +132,7 @@ class _ExpertClock:
                 else:
                     totals.append(sum(spans))
         finally:
-            api._experts_local = real
+            api._experts = real
         slowest = torch.tensor(totals, dtype=torch.float64, device=self.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return slowest.tolist()
@@ -150,7 +153,7 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     """(comm(), compute()) closures on the serial schedule's routed rows (one chunk)."""
     import torch.distributed as dist
 
-    from kernels.a2a_overlap.api import _experts_local
+    from kernels.a2a_overlap.api import _expert_order, _experts
     from kernels.a2a_overlap.exchange import start_exchange
     from kernels.moe_gemm import route
 
@@ -163,13 +166,14 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     xs = inp["x"][rt.row_to_token.long()]
     recv = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
     ids = torch.repeat_interleave(torch.arange(E_l, device=xs.device).repeat(W), recv_counts.reshape(-1))
+    order = _expert_order(ids, E_l)  # the rows' order for the experts, outside the timed region
 
     def comm():
         back = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
         return start_exchange(back, recv_splits, send, None, "combine").wait()
 
     def compute():
-        return _experts_local(recv, ids, inp["w_gate_up"], inp["w_down"])
+        return _experts(recv, inp["w_gate_up"], inp["w_down"], *order)
 
     return comm, compute
 
@@ -196,26 +200,28 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
         timer = _Timer(device, args.reps)
         experts_clock = _ExpertClock(device)
         rows = []
+        candidates = [(C, K, "nccl") for C in args.chunks for K in args.comm_ctas
+                       if C <= dims["E"] // W and (C, K) != (1, 0) and "nccl" in args.transports]
+        candidates += [(C, 0, "copy") for C in args.chunks if C <= dims["E"] // W and "copy" in args.transports]
         with torch.no_grad():
             for T in args.tokens:
                 inp = _inputs(T, dims, rank, device, dtype, W)
-                run = lambda C, K: moe_ffn_ep(inp["x"], inp["logits"], inp["w_gate_up"], inp["w_down"],  # noqa: E731
-                                              dims["top_k"], num_chunks=C, comm_ctas=K)
+                run = lambda C, K, X="nccl": moe_ffn_ep(inp["x"], inp["logits"], inp["w_gate_up"],  # noqa: E731
+                                                        inp["w_down"], dims["top_k"], num_chunks=C, comm_ctas=K,
+                                                        transport=X)
                 comm, compute = _serial_parts(inp, dims, W)
                 serial_out = run(1, 0)
                 rows.append({"T": T, "name": "comm", "times": timer(comm)})
                 rows.append({"T": T, "name": "compute", "times": timer(compute)})
-                rows.append({"T": T, "name": "serial", "config": {"num_chunks": 1, "comm_ctas": 0},
+                rows.append({"T": T, "name": "serial", "config": {"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"},
                              "times": timer(lambda: run(1, 0)), "experts_times": experts_clock(lambda: run(1, 0))})
-                for C in [C for C in args.chunks if C <= dims["E"] // W]:
-                    for K in args.comm_ctas:
-                        if C == 1 and K == 0:
-                            continue
-                        err = torch.tensor([rel_error(run(C, K), serial_out)], dtype=torch.float64, device=device)
-                        dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                        rows.append({"T": T, "name": f"chunks{C}-ctas{K}", "config": {"num_chunks": C, "comm_ctas": K},
-                                     "rel_err": err.item(), "times": timer(lambda: run(C, K)),
-                                     "experts_times": experts_clock(lambda: run(C, K))})
+                for C, K, X in candidates:
+                    err = torch.tensor([rel_error(run(C, K, X), serial_out)], dtype=torch.float64, device=device)
+                    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+                    rows.append({"T": T, "name": f"chunks{C}-ctas{K}" if X == "nccl" else f"copy-chunks{C}",
+                                 "config": {"num_chunks": C, "comm_ctas": K, "transport": X},
+                                 "rel_err": err.item(), "times": timer(lambda: run(C, K, X)),
+                                 "experts_times": experts_clock(lambda: run(C, K, X))})
                 if rank == 0:
                     # each T is saved (results lines, config entry) as soon as it is measured:
                     # a run that is killed keeps every T it finished
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=_parse_ints, default=None, help="tokens per rank, e.g. 4096,16384")
     parser.add_argument("--chunks", type=_parse_ints, default=[1, 2, 4, 8, 16], help="those above E/W are skipped")
     parser.add_argument("--comm-ctas", type=_parse_ints, default=[0, 8, 16, 32], help="NCCL maxCTAs; 0 = NCCL's choice")
+    parser.add_argument("--transports", type=lambda t: [v for v in t.split(",") if v], default=["nccl", "copy"],
+                        help="nccl (all-to-all), copy (copy engines over symmetric memory)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--results", default="results", help="folder for moe_ffn_ep.jsonl")
     parser.add_argument("--out-dir", default=None, help="config root (default: $KWB_CONFIG_DIR or kernels/configs)")
@@ -326,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"needs 2 or more ranks (found {W} GPUs); --cpu runs on gloo")
     if not args.cpu and W > torch.cuda.device_count():
         parser.error(f"--world {W} exceeds the {torch.cuda.device_count()} GPUs here")
+    from kernels.a2a_overlap.schedule import TRANSPORTS
+
+    if not args.transports or set(args.transports) - set(TRANSPORTS):
+        parser.error(f"--transports must list some of {TRANSPORTS}, got {args.transports}")
     args.tokens = args.tokens or ([3, 8] if args.cpu else [4096, 8192, 16384, 32768])
     if args.cpu:
         args.comm_ctas = [0]  # gloo has no SMs to limit: every K would time the same schedule

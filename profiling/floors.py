@@ -21,6 +21,12 @@ CEILINGS: dict[str, dict] = {
         "bf16_tflop_s": 708.0,
         "source": "DESIGN.md: device-to-device copy and bf16 8192^3 matmul, torch 2.11, triton 3.6, driver 580",
     },
+    "nvidia-h200": {
+        "copy_tb_s": 4.28,
+        "bf16_tflop_s": 676.0,
+        "source": "measure_ceilings() on one H200 of a 4-GPU host, 2026-11-27: 2 GiB device-to-device copy, "
+                  "bf16 8192^3 torch.mm; torch 2.11.0+cu130, triton 3.6.0, driver 580.159.04",
+    },
 }
 
 _COPY_BYTES = 2 * 2**30  # per buffer: far beyond L2, so every iteration goes to HBM

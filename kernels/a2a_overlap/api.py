@@ -4,57 +4,61 @@ W ranks, E experts, ``E_l = E / W`` local experts: rank r owns experts
 ``[r * E_l, (r + 1) * E_l)`` (``w_gate_up_local [E_l, Hd, 2F]``, ``w_down_local [E_l, F, Hd]``).
 Each rank holds its own T_r tokens (T may differ per rank, 0 included).
 
-Pipeline (``num_chunks = C`` chunks: given, or the tuned config of ``schedule.py``, else 1).
-A chunk is a group of this rank's LOCAL experts: chunk g holds local experts
-``[g*E_l//C, (g+1)*E_l//C)`` of every rank, so each expert's weights are read once however
-many chunks there are (chunking by tokens re-read all local weights per chunk: 5.4 GB per
-chunk at W=2, which made 8 token chunks 3x slower than serial on 2 H100s)::
+Pipeline (``num_chunks = C`` chunks and the transport: given, or the tuned config of
+``schedule.py``, else 1 chunk on NCCL). A chunk is a group of this rank's LOCAL experts:
+chunk g holds local experts ``[g*E_l//C, (g+1)*E_l//C)`` of every rank, so each expert's
+weights are read once however many chunks there are (chunking by tokens re-read all local
+weights per chunk: 5.4 GB per chunk at W=2, which made 8 token chunks 3x slower than serial
+on 2 H100s)::
 
-    route(logits, k)            one routing of all local tokens (the same as moe_ffn); rows
-                                reordered chunk-major: chunk g's rows for rank r are one block
-    xs = x[row_to_token]        every token copy in send order, gathered once (backward: the
-                                deterministic slot-order combine of routing.py)
-    dispatch(g) (all_to_all)    uneven splits: rank r gets the rows of its chunk-g experts
-    experts(g)                  received rows (source-major, expert-minor) stably sorted by
-                                expert, MoEExpertsFunction (gather + SwiGLU GEMM, down GEMM)
-                                on the chunk's weight slices; back to received order
-    combine(g) (all_to_all)     the reverse splits: every row comes home to its send slot
-    weighted sum                MoECombineFunction (slot order, fp32) into token order, after
-                                the last combine
+    route(logits, k)            one routing of all local tokens (the same as moe_ffn)
+    counts (all_gather)         every rank's row count per expert, [W, E] int64: ONE blocking
+                                collective and the call's one host synchronisation; every
+                                split and offset follows from it (``layout.py``), so no expert
+                                ids travel with the rows
+    dispatch(g)                 rank r gets every rank's rows for its chunk-g experts
+    experts(g)                  MoEExpertsFunction (gather + SwiGLU GEMM, down GEMM) on the
+                                chunk's weight slices, rows grouped by expert
+    combine(g)                  every output row back to the rank and slot it came from
+    weighted sum                MoECombineFunction (slot order, fp32) into token order
 
-Count exchange: ONE blocking ``all_to_all_single`` of an int64 tensor before any row moves:
-rank s sends to rank r the row counts of r's local experts, ``[E_l]`` per peer. That gives
-the splits of every chunk (sums over the chunk's experts) and the expert of every received
-row (a sender's rows to r are sorted by expert), so no expert ids travel with the rows. It
-is the call's one host synchronisation.
+Transports (how dispatch and combine move rows in the forward; the backward runs the
+reverse all-to-alls on the group, blocking, either way):
 
-Overlap schedule (``C > 1``)::
+- ``"nccl"``: rows gathered chunk-major (chunk g's rows for rank r one block), async
+  ``all_to_all_single`` per chunk and direction (``exchange.py``), received rows sorted by
+  expert on the GPU, outputs put back in received order before the combine. Schedule::
 
-    start dispatch(0)
-    for g in 0..C-1:  start dispatch(g+1);  wait dispatch(g);  experts(g);  start combine(g)
-    wait combine(0..C-1);  weighted sum
+      start dispatch(0)
+      for g in 0..C-1:  start dispatch(g+1);  wait dispatch(g);  experts(g);  start combine(g)
+      wait combine(0..C-1);  weighted sum
 
-so the dispatch of chunk g+1 and the combine of chunk g-1 are in flight while the experts of
-chunk g run (``async_op=True`` handles; see ``exchange.py``); dispatch(0) and combine(C-1)
-are what stays exposed. The backward is correct (the autograd engine issues the reverse
-exchanges in an order fixed by the graph) but not scheduled for overlap.
+- ``"copy"``: rows gathered in routing order into a workspace every peer can read
+  (``workspace.py``); the copy engines pull each chunk's rows expert-major (no sort) and the
+  outputs straight back into routing order (no cat, no un-permute), on two side streams, the
+  SMs left to the experts (``copy_exchange.py`` has the schedule and its barriers).
 
-Contract (every rank): the same ``top_k``, ``num_chunks``, ``comm_ctas``, E, Hd, F and dtype, and the same
-``requires_grad`` flags, so all ranks issue the same sequence of collectives (forward: 1 +
-2C all-to-alls, plus one all-reduce when the config is looked up, plus a ``new_group`` the
-first time a ``comm_ctas`` is used; backward: 2C, for the exchanges that carry gradient).
-World size 1 makes
-no collective at all (``moe_ffn`` on the local = all experts). A peer that dies or hangs
-surfaces as a ``RuntimeError`` after the process group's timeout (``init_process_group(...,
-timeout=...)``).
+dispatch(0) and combine(C-1) are what stays exposed.
+
+Contract (every rank): the same ``top_k``, ``num_chunks``, ``comm_ctas``, ``transport``, E,
+Hd, F and dtype, and the same ``requires_grad`` flags, so all ranks issue the same sequence of
+collectives (forward: the count all-gather, then 2C all-to-alls (NCCL) or C + 2 workspace
+barriers plus a collective workspace allocation when it must grow (copy); one all-reduce when
+the config is looked up; a ``new_group`` the first time a ``comm_ctas`` is used; backward: 2C
+all-to-alls, for the exchanges that carry gradient). World size 1 makes no collective at all
+(``moe_ffn`` on the local = all experts). A peer that dies or hangs surfaces as a
+``RuntimeError`` after the process group's timeout (``init_process_group(..., timeout=...)``);
+at a copy-transport barrier on the GPU, as a device-side error after
+``workspace.BARRIER_TIMEOUT_MS``.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from kernels.a2a_overlap import schedule
+from kernels.a2a_overlap import copy_exchange, schedule, workspace
 from kernels.a2a_overlap.exchange import start_exchange
+from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.moe_gemm.api import MoECombineFunction, MoEExpertsFunction, _check_moe, moe_ffn
 from kernels.moe_gemm.routing import combine, route
 
@@ -81,7 +85,7 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, W) -> None:
+def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, transport, W) -> None:
     """Raise before any collective (every rank with the same shapes raises the same way)."""
     if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1):
         raise ValueError(f"num_chunks must be None or an int >= 1, got {num_chunks!r}")
@@ -90,6 +94,14 @@ def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks
             raise ValueError("comm_ctas needs num_chunks (with num_chunks=None both come from the tuned config)")
         if isinstance(comm_ctas, bool) or not isinstance(comm_ctas, int) or comm_ctas < 0:
             raise ValueError(f"comm_ctas must be None or an int >= 0, got {comm_ctas!r}")
+    if transport is not None:
+        if num_chunks is None:
+            raise ValueError("transport needs num_chunks (with num_chunks=None both come from the tuned config)")
+        if transport not in schedule.TRANSPORTS:
+            raise ValueError(f"transport must be one of {schedule.TRANSPORTS}, got {transport!r}")
+        if transport == "copy" and comm_ctas:
+            raise ValueError(f"comm_ctas limits NCCL's kernels; the copy transport has none "
+                             f"(got comm_ctas={comm_ctas})")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError("router_logits must be a [T, E] tensor")
     E = router_logits.shape[1]
@@ -112,17 +124,22 @@ def _expand_experts(w: torch.Tensor, E: int) -> torch.Tensor:
     return w[:1].expand(E, *w.shape[1:]) if w.shape[0] >= 1 else w
 
 
-def _experts_local(recv, ids, w_gate_up_local, w_down_local):
-    """Rows in received order -> expert outputs in received order (differentiable)."""
-    E_l = w_gate_up_local.shape[0]
-    R = recv.shape[0]
-    ids_sorted, perm = torch.sort(ids, stable=True)  # expert-major, source-minor
+def _expert_order(ids: torch.Tensor, E_l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Received rows' local expert ids -> ``(perm, inv, offsets)``: ``perm`` lists the rows
+    expert-major (stable, so source-minor), ``inv`` its inverse, ``offsets`` int32 group ends."""
+    ids_sorted, perm = torch.sort(ids, stable=True)
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(R, device=perm.device)
+    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
     offsets = torch.searchsorted(ids_sorted, torch.arange(E_l, device=ids.device), right=True).to(torch.int32)
-    y = MoEExpertsFunction.apply(recv, w_gate_up_local, w_down_local, perm.to(torch.int32),
-                                 inv.to(torch.int32).view(R, 1), offsets)
-    return y[inv]
+    return perm, inv, offsets
+
+
+def _experts(rows, w_gate_up_local, w_down_local, order, inv, offsets):
+    """The local experts: ``y[i] = expert(rows[order[i]])``, rows ``order`` grouped by expert
+    (``offsets`` int32 group ends), ``inv`` the inverse of ``order``. Differentiable in rows
+    and the weights. The GEMMs and nothing else (ep_bench times this as the experts' own time)."""
+    return MoEExpertsFunction.apply(rows, w_gate_up_local, w_down_local, order.to(torch.int32),
+                                    inv.to(torch.int32).view(-1, 1), offsets)
 
 
 def moe_ffn_ep(
@@ -135,6 +152,7 @@ def moe_ffn_ep(
     *,
     num_chunks: int | None = None,
     comm_ctas: int | None = None,
+    transport: str | None = None,
 ) -> torch.Tensor:
     """MoE FFN with the experts sharded over ``group`` (default: the world); same math as
     ``moe_ffn`` on one process holding all experts.
@@ -153,6 +171,11 @@ def moe_ffn_ep(
             largest token count first), else the serial default.
         comm_ctas: with ``num_chunks`` given, at most this many CTAs (SMs) for NCCL's kernels
             (0 or None: NCCL's choice; ignored on other backends). MUST match across ranks.
+        transport: with ``num_chunks`` given, how the forward moves rows: ``"nccl"`` (default;
+            the group's all-to-all) or ``"copy"`` (copy engines pulling from the peers'
+            symmetric-memory workspaces, ``copy_exchange.py``; NCCL groups with CUDA tensors,
+            or gloo with CPU tensors). The backward exchanges run on the group either way.
+            MUST match across ranks.
 
     Returns:
         ``[T, Hd]`` in x's dtype; differentiable in x, router_logits and both local shards.
@@ -162,38 +185,46 @@ def moe_ffn_ep(
         RuntimeError when a collective fails or times out (the process group's timeout).
     """
     W, rank = _world(group)
-    _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, W)
+    _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, transport, W)
     if W == 1:
         return moe_ffn(x, router_logits, w_gate_up_local, w_down_local, top_k)
+    if transport == "copy" and (why := workspace.supported(group, x.device)):
+        raise ValueError(f"transport='copy' cannot run here: {why}")
     if num_chunks is None:
         config = schedule.tuned_config(x, router_logits, w_down_local, W, group)
-        num_chunks, comm_ctas = config["num_chunks"], config["comm_ctas"]
-    group = schedule.comm_group(group, comm_ctas or 0)
-    E = router_logits.shape[1]
-    E_l = E // W
-    C = num_chunks
-    dev = x.device
+        num_chunks, comm_ctas, transport = config["num_chunks"], config["comm_ctas"], config["transport"]
+    transport = transport or "nccl"
+    group = schedule.comm_group(group, comm_ctas or 0) if transport == "nccl" else group
+    E_l, C = router_logits.shape[1] // W, num_chunks
     bounds = [g * E_l // C for g in range(C + 1)]  # chunk g = local experts [bounds[g], bounds[g+1])
+    w_gate_up_chunks = w_gate_up_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
+    w_down_chunks = w_down_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
+    rt = route(router_logits, top_k)  # all local tokens (local, no communication)
+    ep = _ep_copy if transport == "copy" else _ep_nccl
+    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group)
+    return MoECombineFunction.apply(y_back, rt.weights, copy_to_row)
 
-    # routing of all local tokens (local, no communication); rows in chunk-major send order
-    rt = route(router_logits, top_k)
+
+def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
+    """The NCCL transport: all-to-alls of chunk-major rows, chunk g+1's dispatch and chunk
+    g-1's combine in flight under chunk g's experts. Returns the expert outputs in send order
+    and the ``copy_to_row`` of that order."""
+    C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
     row_to_token, copy_to_row = _chunk_major(rt, W, E_l, bounds)
-    # counts exchange: to rank r, the row counts of each of r's local experts ([E_l] per peer)
-    send_counts = rt.counts.view(W, E_l).to(torch.int64)
-    recv_counts = torch.empty_like(send_counts)  # [W(src), E_l]
-    try:
-        dist.all_to_all_single(recv_counts.view(-1), send_counts.contiguous().view(-1), group=group)
-    except RuntimeError as exc:
-        raise RuntimeError(f"moe_ffn_ep: count exchange failed or timed out on rank {rank}: {exc}") from exc
-    sent, received = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync
-    send_splits = [[sum(sent[r][bounds[g]:bounds[g + 1]]) for r in range(W)] for g in range(C)]  # [C][W]
-    recv_splits = [[sum(received[r][bounds[g]:bounds[g + 1]]) for r in range(W)] for g in range(C)]  # [C][W]
+    counts = _all_counts(rt.counts, W, group, rank)  # the call's one host sync
+    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)
+    send_splits, recv_splits = plan.send_splits, plan.recv_splits  # [C][W] each
+    recv_counts = counts[:, rank * E_l:(rank + 1) * E_l]  # [W(src), E_l], on the device
+
+    def expert_ids(g: int, rows: int) -> torch.Tensor:
+        """The local expert (within chunk g) of each received row (source-major, expert-sorted)."""
+        E_g = bounds[g + 1] - bounds[g]
+        return torch.repeat_interleave(torch.arange(E_g, device=dev).repeat(W),
+                                       recv_counts[:, bounds[g]:bounds[g + 1]].reshape(-1), output_size=rows)
 
     # every row gathered once, then split by chunk (views; the backward concatenates)
     xs = _GatherRows.apply(x, row_to_token, copy_to_row)
     xs_chunks = xs.split([sum(s) for s in send_splits])
-    w_gate_up_chunks = w_gate_up_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
-    w_down_chunks = w_down_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
 
     def start_dispatch(g):
         return start_exchange(xs_chunks[g], send_splits[g], recv_splits[g], group, f"dispatch of chunk {g}")
@@ -203,15 +234,53 @@ def moe_ffn_ep(
     for g in range(C):
         nxt = start_dispatch(g + 1) if g + 1 < C else None
         recv = pending.wait()
-        E_g = bounds[g + 1] - bounds[g]
-        ids = torch.repeat_interleave(torch.arange(E_g, device=dev).repeat(W),
-                                      recv_counts[:, bounds[g]:bounds[g + 1]].reshape(-1),
-                                      output_size=sum(recv_splits[g]))  # no host sync
-        y = _experts_local(recv, ids, w_gate_up_chunks[g], w_down_chunks[g])
-        combines.append(start_exchange(y, recv_splits[g], send_splits[g], group, f"combine of chunk {g}"))
+        perm, inv, offsets = _expert_order(expert_ids(g, sum(recv_splits[g])), bounds[g + 1] - bounds[g])
+        y_sorted = _experts(recv, w_gate_up_chunks[g], w_down_chunks[g], perm, inv, offsets)
+        combines.append(start_exchange(y_sorted[inv], recv_splits[g], send_splits[g], group, f"combine of chunk {g}"))
         pending = nxt
     y_back = [pending.wait() for pending in combines]
-    return MoECombineFunction.apply(y_back[0] if C == 1 else torch.cat(y_back), rt.weights, copy_to_row)
+    return (y_back[0] if C == 1 else torch.cat(y_back)), copy_to_row
+
+
+def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
+    """The copy transport (``copy_exchange.py``): rows stay in routing order; the pulls of
+    chunk g+1 and the combine of chunk g-1 run on copy engines under chunk g's experts."""
+    C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
+    M, Hd = rt.row_to_token.shape[0], x.shape[1]
+    # this rank's rows go into the workspace while the counts travel, when the current
+    # workspace is large enough (else after the counts, into the grown one)
+    early = workspace.peek(group, dev, M * Hd * x.dtype.itemsize)
+    if early is not None:
+        # (x's gradient flows through CopyDispatch, which takes x and skips its own gather)
+        torch.index_select(x.detach(), 0, rt.row_to_token.long(), out=early.rows(rank, 0, M, Hd, x.dtype))
+    counts = _all_counts(rt.counts, W, group, rank)  # the call's one host sync
+    xfer = copy_exchange.CopyExchange(ExchangePlan(counts.tolist(), rank, E_l, bounds), group, dev, Hd, x.dtype)
+    recvs = copy_exchange.CopyDispatch.apply(x, rt.row_to_token, rt.copy_to_row, xfer,
+                                             xfer.ws is early)  # pulls chunk 0
+    identity = torch.arange(max([r.shape[0] for r in recvs] + [0]), device=dev)
+    ys = []
+    for g in range(C):
+        xfer.wait_dispatch(g)
+        order = identity[:recvs[g].shape[0]]  # the pulls deliver rows expert-major
+        y_sorted = _experts(recvs[g], w_gate_up_chunks[g], w_down_chunks[g], order, order, xfer.expert_offsets(g))
+        # issued after chunk g's GEMMs so that the host launches those first (the pulls cost
+        # host time per block); both run under chunk g's experts on the GPU
+        if g + 1 < C:
+            xfer.pull_dispatch(g + 1)
+        xfer.publish(g, y_sorted)  # the combine of chunk g, under the experts of chunk g+1
+        ys.append(y_sorted)
+    return copy_exchange.CopyCombine.apply(xfer, *ys), rt.copy_to_row
+
+
+def _all_counts(counts: torch.Tensor, W: int, group, rank: int) -> torch.Tensor:
+    """Every rank's routing counts ``[W, E]`` (int64, on counts' device): one all-gather."""
+    mine = counts.to(torch.int64).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(W)]
+    try:
+        dist.all_gather(parts, mine, group=group)
+    except RuntimeError as exc:
+        raise RuntimeError(f"moe_ffn_ep: count exchange failed or timed out on rank {rank}: {exc}") from exc
+    return torch.stack(parts)
 
 
 def _chunk_major(rt, W: int, E_l: int, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

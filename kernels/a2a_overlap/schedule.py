@@ -1,10 +1,13 @@
-"""The overlap schedule's tunables: how many token chunks, and how many SMs NCCL may use.
+"""The overlap schedule's tunables: how many chunks, which transport, how many SMs NCCL may use.
 
-A config is ``{"num_chunks": C, "comm_ctas": K}``: C chunks, each a group of the local
-experts (``C <= E / W``; see ``api.py``) and, on NCCL, a communicator whose kernels use at most K CTAs (one SM each;
-``ncclConfig_t.maxCTAs``) so the experts' GEMMs keep the rest; ``K = 0`` leaves NCCL's own
-choice. Tuned per GPU type by ``python -m autotune.ep_bench`` into
-``kernels/configs/<gpu-slug>/moe_ffn_ep.json``, keyed by :func:`bucket_key`.
+A config is ``{"num_chunks": C, "comm_ctas": K, "transport": X}``: C chunks, each a group of
+the local experts (``C <= E / W``; see ``api.py``); X = ``"nccl"`` (the group's all-to-all;
+on NCCL a communicator whose kernels use at most K CTAs, one SM each, ``ncclConfig_t.maxCTAs``,
+so the experts' GEMMs keep the rest; ``K = 0`` leaves NCCL's own choice) or ``"copy"`` (copy
+engines pulling from the peers' workspaces, ``copy_exchange.py``; K must be 0). Entries
+written before the copy transport existed have no ``transport``: they mean ``"nccl"``. Tuned
+per GPU type by ``python -m autotune.ep_bench`` into ``kernels/configs/<gpu-slug>/moe_ffn_ep.json``,
+keyed by :func:`bucket_key`.
 
 Every rank must launch the same collectives, so every rank must pick the same config: the
 key holds only what all ranks share (world size, expert shapes, dtype) and the LARGEST token
@@ -19,11 +22,13 @@ import torch.distributed as dist
 import triton
 
 from kernels import _config
+from kernels.a2a_overlap import workspace
 
 KERNEL = "moe_ffn_ep"
 # Used when no tuned file applies: the plain pipeline (no chunking, NCCL's own SM count),
 # the serial schedule the issue measured as the baseline. Not a measured optimum.
-DEFAULT_CONFIG = {"num_chunks": 1, "comm_ctas": 0}
+DEFAULT_CONFIG = {"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"}
+TRANSPORTS = ("nccl", "copy")
 
 
 def bucket_key(W: int, E: int, Hd: int, F: int, T_max: int, dtype: torch.dtype) -> dict:
@@ -34,9 +39,10 @@ def bucket_key(W: int, E: int, Hd: int, F: int, T_max: int, dtype: torch.dtype) 
 
 
 def valid_config(config: dict) -> bool:
-    C, K = config.get("num_chunks"), config.get("comm_ctas")
+    C, K, X = config.get("num_chunks"), config.get("comm_ctas"), config.get("transport", "nccl")
     return (isinstance(C, int) and not isinstance(C, bool) and C >= 1
-            and isinstance(K, int) and not isinstance(K, bool) and K >= 0)
+            and isinstance(K, int) and not isinstance(K, bool) and K >= 0
+            and X in TRANSPORTS and (X == "nccl" or K == 0))
 
 
 def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: torch.Tensor, W: int, group) -> dict:
@@ -53,7 +59,9 @@ def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: tor
     key = bucket_key(W, E, Hd, F, int(t.item()), x.dtype)
     config = _config.lookup(KERNEL, key, default=DEFAULT_CONFIG, near=("T",))
     fits = valid_config(config) and config["num_chunks"] <= E // W
-    return config if fits else dict(DEFAULT_CONFIG)
+    if fits and config.get("transport") == "copy" and workspace.supported(group, x.device):
+        fits = False  # tuned where symmetric memory works, run where it does not (the same on every rank)
+    return {**DEFAULT_CONFIG, **config} if fits else dict(DEFAULT_CONFIG)
 
 
 def comm_group(group, comm_ctas: int):
