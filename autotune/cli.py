@@ -162,7 +162,7 @@ def tune(
     kernel: Annotated[str, typer.Argument(help="A registered kernel (see `kwb info`), or 'all'.")],
     shapes: Annotated[
         Optional[str],
-        typer.Option(help="minimax | small | custom 'T=4096,H=64,D=128;T=8192,...' (default: minimax; small with --interpret)."),
+        typer.Option(help="minimax | small | minimax-ep (MoE: the expert-parallel chunk shapes) | custom 'T=4096,H=64,D=128;T=8192,...' (default: minimax; small with --interpret)."),
     ] = None,
     strategy: Annotated[
         str, typer.Option(help="; ".join(f"{name}: {s.summary}" for name, s in STRATEGIES.items()) + ".")
@@ -349,12 +349,13 @@ def _model_plan(name: str, batch: int, seq_len: int, backward: bool, ep: int) ->
                   + (f", experts over {ep} ranks (per rank)" if ep > 1 else "") + f"; configs for {_config.device_slug()} "
                   f"under {_config.config_root()}")
     table = Table(title=f"{len(rows)} launches (the lookup each makes at run time; nothing is tuned at run time)")
-    for column in ("layer", "kind", "phase", "op", "kernel", "bucket", "file", "config"):
+    for column in ("layer", "kind", "phase", "op", "kernel", "bucket", "file", "config", "from"):
         table.add_column(column)
     for r in rows:
         style = {"ok": "green", "missing": "yellow", "untuned": "dim"}.get(r.file_status, "red")
+        source = "[green]tuned[/]" if r.tuned else ("" if r.kernel == "torch.sdpa" else "[yellow]default[/]")
         table.add_row(str(r.layer), r.kind, r.phase, r.op, r.kernel, _label(r.key),
-                      f"[{style}]{r.file_status}[/]", _label(r.config))
+                      f"[{style}]{r.file_status}[/]", _label(r.config), source)
     console.print(table)
 
 

@@ -89,6 +89,14 @@ SHAPE_SETS = {
         {"E": 32, **dims, "T": 2**p, "top_k": 2, "routing": "random", "dtype": "bf16"}
         for dims in MINIMAX_PROJECTIONS.values() for p in range(10, 16)
     ],
+    # what each chunk's GEMMs see under expert parallelism (moe_ffn_ep, kernels/a2a_overlap):
+    # E = 1, 2, 4 local experts per launch, 512-4096 rows per expert (W ranks x T tokens per
+    # rank x top-2 / 32 experts: W=2 at 4K-32K tokens per rank is 512-4096). Without these
+    # buckets a chunk's GEMMs run the default config (docs/perf-notes.md, session 4).
+    "minimax-ep": [
+        {"E": E, **dims, "T": E * rows // min(E, 2), "top_k": min(E, 2), "routing": "random", "dtype": "bf16"}
+        for dims in MINIMAX_PROJECTIONS.values() for E in (1, 2, 4) for rows in (512, 1024, 2048, 4096)
+    ],
     # tiny enough for the Triton interpreter; N and K not multiples of 64, one skewed routing
     "small": [
         {"E": 4, "K": 48, "N": 80, "T": 24, "top_k": 2, "routing": "random", "dtype": "bf16"},

@@ -53,6 +53,9 @@ PHASES = ("prefill", "decode", "backward")
 SDPA = "torch.sdpa"
 
 
+_NO_ENTRY = {"__no_entry__": True}  # the lookup's default when asking whether a file entry applies
+
+
 @dataclass(frozen=True)
 class PlanRow:
     """One kernel launch of one layer: what it computes and the config it launches with."""
@@ -66,6 +69,7 @@ class PlanRow:
     config_file: str | None  # the file the lookup reads (None for SDPA)
     file_status: str  # "ok", "missing", "corrupt", "stale" (see _config.read_config_file); "untuned" for SDPA
     config: dict  # the config the launch uses ({} for SDPA)
+    tuned: bool = False  # whether a file entry (exact or nearest bucket) gave it, rather than the default
 
 
 @dataclass(frozen=True)
@@ -160,14 +164,17 @@ def kernel_plan(
 
     status = functools.cache(lambda kernel: _config.read_config_file(_config.config_path(kernel, slug)).status)
 
-    def resolve(launch: _Launch) -> dict:
-        return _config.lookup_launchable(launch.kernel, launch.key, default=launch.default, valid=launch.valid,
-                                         near=launch.near, slug=slug)
+    def resolve(launch: _Launch) -> tuple[dict, bool]:
+        """What ``_config.lookup_launchable`` gives the kernel, and whether a file entry gave it."""
+        found = _config.lookup(launch.kernel, launch.key, default=_NO_ENTRY, near=launch.near, slug=slug)
+        if found != _NO_ENTRY and launch.valid(found):
+            return found, True
+        return dict(launch.default), False
 
     def row(layer: int, kind: str, launch: _Launch) -> PlanRow:
         path = str(_config.config_path(launch.kernel, slug))
         return PlanRow(layer, kind, launch.phase, launch.op, launch.kernel, launch.key, path, status(launch.kernel),
-                       resolve(launch))
+                       *resolve(launch))
 
     D = config.head_dim
     lightning = {launch.phase: launch for launch in _lightning_launches(D, batch, seq_len, dtype)}
@@ -179,7 +186,7 @@ def kernel_plan(
         else:
             # the schedule is looked up in the forward; the backward runs the forward's chunks
             ep = _ep_launch(config, phase, tokens, dtype, ep_size)
-            chunks = resolve(ep)["num_chunks"]
+            chunks = resolve(ep)[0]["num_chunks"]
             moe[phase] = ([] if phase == "backward" else [ep]) + _moe_launches(config, phase, tokens, dtype, chunks,
                                                                                 ep_size)
     rows = []

@@ -257,12 +257,12 @@ def test_kernel_plan_reads_tuned_files_like_the_kernels(config_dir):
     rows = kernel_plan(bench, batch=1, seq_len=3000, slug="test-gpu")
 
     fwd = [r for r in rows if r.kernel == "lightning_attn_fwd"]
-    assert len(fwd) == 7 and all(r.file_status == "ok" and r.config == tuned for r in fwd)
+    assert len(fwd) == 7 and all(r.file_status == "ok" and r.config == tuned and r.tuned for r in fwd)
     assert fwd[0].key["T"] == 4096 and fwd[0].config_file == str(config_dir / "test-gpu" / "lightning_attn_fwd.json")
     up = [r for r in rows if r.phase == "prefill" and r.op.startswith("moe x @ w_gate_up")]
-    assert len(up) == 8 and all(r.key == up_key and r.config["num_stages"] >= 2 for r in up)  # the default
+    assert len(up) == 8 and all(r.key == up_key and r.config["num_stages"] >= 2 and not r.tuned for r in up)  # the default
     decode = [r for r in rows if r.kernel == "lightning_decode"]
-    assert all(r.file_status == "stale" and r.config["BV"] == 32 for r in decode)
+    assert all(r.file_status == "stale" and r.config["BV"] == 32 and not r.tuned for r in decode)
     down = [r for r in rows if r.op == "moe h @ w_down"]
     assert {r.file_status for r in down} == {"ok"}  # same file as the up projection; no entry for its N, K
     sdpa = [r for r in rows if r.kernel == "torch.sdpa"]
@@ -281,9 +281,10 @@ def test_kernel_plan_with_expert_parallelism(config_dir):
     rows = kernel_plan("bench", batch=1, seq_len=4096, phases=("prefill", "backward"), slug="test-gpu", ep_size=4)
     ep = [r for r in rows if r.kernel == schedule.KERNEL]
     assert len(ep) == 8 and all(r.phase == "prefill" and r.key == ep_key for r in ep)
-    assert all(r.config == {"num_chunks": 2, "comm_ctas": 16} for r in ep)
+    assert all(r.config == {"num_chunks": 2, "comm_ctas": 16} and r.tuned for r in ep)
     gemms = [r for r in rows if r.kernel.startswith("grouped_gemm")]
     assert len(gemms) == 8 * (2 + 4) and {(r.key["E"], r.key["M"]) for r in gemms} == {(32 // 4 // 2, 4096)}
+    assert not any(r.tuned for r in gemms)  # no grouped-GEMM file here: the chunks run the default
     for bad in (3, 0, True):
         with pytest.raises(ValueError, match="ep_size"):
             kernel_plan("bench", batch=1, seq_len=16, ep_size=bad)
