@@ -129,7 +129,9 @@ def _log2_distance(a: Any, b: Any) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(path: str, frozen_key: tuple, frozen_default: tuple, near: tuple[str, ...]) -> tuple:
+def _match(path: str, frozen_key: tuple, near: tuple[str, ...]) -> tuple | None:
+    """The config of the entry for this key: exact, else nearest in the ``near`` fields (log2
+    distance) among entries equal in every other field; None when no entry qualifies."""
     key = dict(frozen_key)
     entries = _load_entries(path)
     for entry_key, config in entries:
@@ -143,11 +145,25 @@ def _lookup(path: str, frozen_key: tuple, frozen_default: tuple, near: tuple[str
         distance = sum(_log2_distance(entry_key.get(n), key.get(n)) for n in near)
         if distance < best_distance:
             best, best_distance = config, distance
-    if best is not None:
-        return _freeze(best)
-    if entries:
-        _warn_once(f"kwb: {path} has no entry compatible with {key}; using the default {dict(frozen_default)}")
+    return _freeze(best) if best is not None else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(path: str, frozen_key: tuple, frozen_default: tuple, near: tuple[str, ...]) -> tuple:
+    found = _match(path, frozen_key, near)
+    if found is not None:
+        return found
+    if _load_entries(path):
+        _warn_once(f"kwb: {path} has no entry compatible with {dict(frozen_key)}; using the default {dict(frozen_default)}")
     return frozen_default
+
+
+def find_entry(kernel: str, key: Mapping[str, Any], *, near: tuple[str, ...] = (), slug: str | None = None) -> dict | None:
+    """The tuned config :func:`lookup` would return for this key, or None where it would fall
+    back to the default (no file, a stale or corrupt one, no compatible entry). No warning."""
+    path = _path_str(os.environ.get("KWB_CONFIG_DIR"), kernel, slug or device_slug())
+    found = _match(path, _freeze(key), tuple(near))
+    return dict(found) if found is not None else None
 
 
 def lookup(
@@ -186,6 +202,7 @@ def _path_str(root_override: str | None, kernel: str, slug: str) -> str:
 def clear_cache() -> None:
     """Forget cached files and answers (after a tuner wrote a file, or in tests)."""
     _load_entries.cache_clear()
+    _match.cache_clear()
     _lookup.cache_clear()
     _path_str.cache_clear()
     device_slug.cache_clear()

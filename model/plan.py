@@ -53,9 +53,6 @@ PHASES = ("prefill", "decode", "backward")
 SDPA = "torch.sdpa"
 
 
-_NO_ENTRY = {"__no_entry__": True}  # the lookup's default when asking whether a file entry applies
-
-
 @dataclass(frozen=True)
 class PlanRow:
     """One kernel launch of one layer: what it computes and the config it launches with."""
@@ -166,8 +163,8 @@ def kernel_plan(
 
     def resolve(launch: _Launch) -> tuple[dict, bool]:
         """What ``_config.lookup_launchable`` gives the kernel, and whether a file entry gave it."""
-        found = _config.lookup(launch.kernel, launch.key, default=_NO_ENTRY, near=launch.near, slug=slug)
-        if found != _NO_ENTRY and launch.valid(found):
+        found = _config.find_entry(launch.kernel, launch.key, near=launch.near, slug=slug)
+        if found is not None and launch.valid(found):
             return found, True
         return dict(launch.default), False
 
