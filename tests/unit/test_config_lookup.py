@@ -73,6 +73,25 @@ def test_default_when_no_entry_is_compatible():
     assert len(messages) == 2 and all("no entry compatible" in m for m in messages)
 
 
+def test_find_entry_is_lookup_without_the_default():
+    """find_entry returns what lookup would from the file, None where lookup would fall back
+    (no compatible entry, a stale file, no file), and warns about the fallback no more than
+    lookup's own file checks do (kwb info --model uses it to say tuned / default)."""
+    write_file([(key(1024), {"BT": 32}), (key(16384), {"BT": 128})])
+    find = lambda k, slug=SLUG: _config.find_entry(KERNEL, k, near=("T",), slug=slug)  # noqa: E731
+    assert find(key(1024)) == lookup(key(1024)) == {"BT": 32}
+    assert find(key(8192)) == lookup(key(8192)) == {"BT": 128}  # nearest T
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find(key(1024, D=64)) is None
+    assert not caught
+    write_file([(key(1024), {"BT": 32})], slug="old-gpu", triton_version="2.0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file checks' own warnings (missing, stale)
+        assert find(key(1024), slug="no-such-gpu") is None
+        assert find(key(1024), slug="old-gpu") is None
+
+
 def test_missing_file_warns_once_and_falls_back():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
