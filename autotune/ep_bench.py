@@ -17,13 +17,16 @@ top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank 
   peers' symmetric-memory workspaces; ``kernels/a2a_overlap/copy_exchange.py``).
 
 A time is the median over repetitions of the slowest rank's CUDA-event time (the ranks
-all-reduce each repetition's time with MAX). Every candidate's output is checked against the
-serial schedule's (relative error <= 1e-2, bf16) before it may win. The fastest checked
-schedule per T is ``ours``; fraction of the communication hidden = (serial - ours) / comm.
-Each schedule is also run 3 more times with CUDA events around every chunk's experts (the
-local GEMMs, inside the schedule, while the exchanges of other chunks run beside them): the
-experts' own time under overlap, whose slowdown against ``compute`` is the second number
-issue 6 bounds (``expert_slowdown`` = experts under overlap / compute - 1).
+all-reduce each repetition's time with MAX). Repetitions are interleaved: repetition r runs
+comm, compute and every schedule once each, so drift during the run (clocks, temperature)
+does not favour whichever was measured first. Every candidate's output is checked against the
+serial schedule's (relative error <= 1e-2, bf16) before it is timed and before it may win. The
+fastest checked schedule per T is ``ours``; fraction of the communication hidden = (serial -
+ours) / comm. Each schedule is also run 5 more times (interleaved too) with CUDA events around
+every chunk's experts (the local GEMMs, inside the schedule, while the exchanges of other
+chunks run beside them): the experts' own time under overlap, whose slowdown against
+``compute`` is the second number issue 6 bounds (``expert_slowdown`` = experts under overlap
+/ compute - 1).
 
 As soon as a token count is done, rank 0 appends its measurements to
 ``<results>/moe_ffn_ep.jsonl`` (one schema, ``profiling.results``) and merges its winner into
@@ -61,48 +64,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _slowest(times: dict[str, list[float]], device: str) -> dict[str, list[float]]:
+    """Each repetition's time on the slowest rank (one all-reduce MAX for all closures)."""
+    import torch.distributed as dist
+
+    names = list(times)
+    t = torch.tensor([times[n] for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(names, t.tolist()))
+
+
 class _Timer:
-    """Per-repetition times of ``fn`` on this rank, the slowest rank's per repetition."""
+    """Times of several closures, INTERLEAVED: repetition r runs every closure once, in the
+    same order on every rank, so slow drift (clocks, temperature) falls on all of them alike
+    rather than on whichever ran last. Each time is the slowest rank's for that repetition."""
 
     def __init__(self, device: str, reps: int):
         self.cuda, self.reps, self.device = device.startswith("cuda"), reps, device
 
-    def __call__(self, fn) -> list[float]:
+    def _once(self, fn) -> float:
         import torch.distributed as dist
 
-        fn()  # warm-up: compiles, communicators
-        times = []
+        dist.barrier()
+        if not self.cuda:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    def __call__(self, fns: dict) -> dict[str, list[float]]:
+        for fn in fns.values():
+            fn()  # warm-up: compiles, communicators, workspaces
+        times = {name: [] for name in fns}
         for _ in range(self.reps):
-            dist.barrier()
-            if self.cuda:
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        slowest = torch.tensor(times, dtype=torch.float64, device=self.device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return slowest.tolist()
+            for name, fn in fns.items():
+                times[name].append(self._once(fn))
+        return _slowest(times, self.device)
 
 
 class _ExpertClock:
     """The experts' own time inside ``moe_ffn_ep``: events around every call of
-    ``api._experts`` (the grouped GEMMs) on the compute stream, summed per call of ``fn``, slowest rank per
-    repetition. Each chunk's start event follows its dispatch wait, so a span is the GEMMs'
-    time with whatever else (other chunks' exchanges) runs beside them."""
+    ``api._experts`` (the grouped GEMMs) on the compute stream, summed per call of a schedule,
+    slowest rank per repetition; schedules interleaved as in :class:`_Timer`. Each chunk's
+    start event follows its dispatch wait, so a span is the GEMMs' time with whatever else
+    (other chunks' exchanges) runs beside them."""
 
-    def __init__(self, device: str, reps: int = 3):
+    def __init__(self, device: str, reps: int = 5):
         self.cuda, self.reps, self.device = device.startswith("cuda"), reps, device
 
-    def __call__(self, fn) -> list[float]:
-        import torch.distributed as dist
-
+    def __call__(self, fns: dict) -> dict[str, list[float]]:
         from kernels.a2a_overlap import api
 
         real, spans = api._experts, []
@@ -120,22 +136,21 @@ class _ExpertClock:
             spans.append((start, end))
             return out
 
-        totals = []
+        totals = {name: [] for name in fns}
         api._experts = timed
         try:
             for _ in range(self.reps):
-                spans.clear()
-                fn()
-                if self.cuda:
-                    torch.cuda.synchronize()
-                    totals.append(sum(s.elapsed_time(e) for s, e in spans))
-                else:
-                    totals.append(sum(spans))
+                for name, fn in fns.items():
+                    spans.clear()
+                    fn()
+                    if self.cuda:
+                        torch.cuda.synchronize()
+                        totals[name].append(sum(s.elapsed_time(e) for s, e in spans))
+                    else:
+                        totals[name].append(sum(spans))
         finally:
             api._experts = real
-        slowest = torch.tensor(totals, dtype=torch.float64, device=self.device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return slowest.tolist()
+        return _slowest(totals, self.device)
 
 
 def _inputs(T: int, dims: dict, rank: int, device: str, dtype: torch.dtype, W: int) -> dict:
@@ -211,17 +226,21 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                                                         transport=X)
                 comm, compute = _serial_parts(inp, dims, W)
                 serial_out = run(1, 0)
-                rows.append({"T": T, "name": "comm", "times": timer(comm)})
-                rows.append({"T": T, "name": "compute", "times": timer(compute)})
-                rows.append({"T": T, "name": "serial", "config": {"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"},
-                             "times": timer(lambda: run(1, 0)), "experts_times": experts_clock(lambda: run(1, 0))})
-                for C, K, X in candidates:
+                schedules = {"serial": ({"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"}, None)}
+                for C, K, X in candidates:  # each checked against serial before it is timed
                     err = torch.tensor([rel_error(run(C, K, X), serial_out)], dtype=torch.float64, device=device)
                     dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                    rows.append({"T": T, "name": f"chunks{C}-ctas{K}" if X == "nccl" else f"copy-chunks{C}",
-                                 "config": {"num_chunks": C, "comm_ctas": K, "transport": X},
-                                 "rel_err": err.item(), "times": timer(lambda: run(C, K, X)),
-                                 "experts_times": experts_clock(lambda: run(C, K, X))})
+                    name = f"chunks{C}-ctas{K}" if X == "nccl" else f"copy-chunks{C}"
+                    schedules[name] = ({"num_chunks": C, "comm_ctas": K, "transport": X}, err.item())
+                calls = {name: (lambda c=config: run(c["num_chunks"], c["comm_ctas"], c["transport"]))
+                         for name, (config, _) in schedules.items()}
+                times = timer({"comm": comm, "compute": compute, **calls})
+                experts = experts_clock(calls)
+                rows.append({"T": T, "name": "comm", "times": times["comm"]})
+                rows.append({"T": T, "name": "compute", "times": times["compute"]})
+                for name, (config, err) in schedules.items():
+                    rows.append({"T": T, "name": name, "config": config, "times": times[name],
+                                 "experts_times": experts[name], **({} if err is None else {"rel_err": err})})
                 if rank == 0:
                     # each T is saved (results lines, config entry) as soon as it is measured:
                     # a run that is killed keeps every T it finished

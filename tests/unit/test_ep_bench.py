@@ -39,6 +39,19 @@ def test_summarise_hidden_fraction_and_checked_winner():
     assert ep_bench.summarise(rows)[4096]["expert_slowdown"] is None
 
 
+def test_timer_interleaves_repetitions(monkeypatch):
+    """Repetition r runs every closure once (after one warm-up each), so drift during a run
+    does not fall on whichever closure is measured last."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(ep_bench, "_slowest", lambda times, device: times)
+    times = ep_bench._Timer("cpu", reps=3)({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")})
+    assert "".join(calls) == "ab" + "ab" * 3
+    assert sorted(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
 @pytest.mark.timeout(240)
 def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, monkeypatch):
     results, configs = tmp_path / "results", tmp_path / "configs"
