@@ -61,14 +61,20 @@ class _SharedFileWorkspace(_Workspace):
         dist.broadcast_object_list(tag, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         paths = [f"/dev/shm/kwb-ep-{tag[0]}-{r}" for r in range(W)]
         mine = torch.from_file(paths[rank], shared=True, size=nbytes, dtype=torch.uint8)
-        dist.barrier(group)  # every file exists
-        self._bufs = [mine if r == rank else torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8)
-                      for r, p in enumerate(paths)]
-        dist.barrier(group)  # every rank has mapped every file: the names can go
-        os.unlink(paths[rank])
+        try:
+            self.barrier(0)  # every file exists
+            self._bufs = [mine if r == rank else torch.from_file(p, shared=True, size=nbytes, dtype=torch.uint8)
+                          for r, p in enumerate(paths)]
+            self.barrier(0)  # every rank has mapped every file: the names can go
+        finally:
+            os.unlink(paths[rank])  # the mappings outlive the name; a failed rendezvous leaves no file
 
     def barrier(self, channel: int) -> None:
-        dist.barrier(self._group)
+        try:
+            dist.barrier(self._group)
+        except RuntimeError as exc:
+            raise RuntimeError(f"moe_ffn_ep: copy-transport barrier failed or timed out on rank "
+                               f"{dist.get_rank(self._group)} (a peer died or hung): {exc}") from exc
 
 
 _WORKSPACES: dict[tuple, _Workspace] = {}
