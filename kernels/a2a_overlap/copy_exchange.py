@@ -25,7 +25,7 @@ Forward, on rank me (compute stream = the caller's current stream)::
                waits for the combine stream.
 
 So the dispatch of chunk g+1 and the combine of chunk g-1 run on the copy engines while the
-experts of chunk g run; the permutation back to send order is free (it is where the pulls
+experts of chunk g run; the permutation back to routing order is free (it is where the pulls
 land), and no ``cat`` of chunks follows. The final barrier makes it safe for the next call to
 overwrite the workspace.
 
@@ -136,7 +136,7 @@ class CopyExchange:
     def publish(self, g: int, y_sorted: torch.Tensor) -> None:
         """Chunk g's experts are issued (``y_sorted`` in recv_g's expert-major order): on the
         combine stream, once they finish, copy y_sorted into the workspace, wait for every
-        rank's chunk g, and pull this rank's rows back into their send slots of ybuf."""
+        rank's chunk g, and pull this rank's rows back into their routing-order slots of ybuf."""
         p, me = self.plan, self.plan.me
         if self.cuda:
             self.combine_stream.wait_stream(torch.cuda.current_stream())
@@ -149,7 +149,7 @@ class CopyExchange:
                 self.ybuf[dst:dst + rows].copy_(self._rows(r, src, rows))
 
     def finish(self) -> torch.Tensor:
-        """ybuf ``[M, Hd]`` (send order) once every pull is done; no rank reads any workspace
+        """ybuf ``[M, Hd]`` (routing order) once every pull is done; no rank reads any workspace
         after the closing barrier, so the next call may overwrite them."""
         with self._on(self.combine_stream):
             self.ws.barrier(1)
@@ -203,7 +203,7 @@ class CopyDispatch(torch.autograd.Function):
 
 class CopyCombine(torch.autograd.Function):
     """The chunks' expert outputs (each in its y_sorted order, already handed to
-    :meth:`CopyExchange.publish`) -> ybuf ``[M, Hd]`` in this rank's send order; backward: the
+    :meth:`CopyExchange.publish`) -> ybuf ``[M, Hd]`` in this rank's routing order; backward: the
     reverse exchanges."""
 
     @staticmethod
