@@ -115,6 +115,9 @@ def workspace(group, device: torch.device, nbytes: int) -> _Workspace:
     if ws is None or ws.nbytes < nbytes:
         size = -(-max(nbytes, 1) // GRANULE_BYTES) * GRANULE_BYTES
         kind = _SymmetricWorkspace if device.type == "cuda" else _SharedFileWorkspace
-        _WORKSPACES.pop(key, None)
+        if _WORKSPACES.pop(key, None) is not None and device.type == "cuda":
+            # work queued into the old buffer (a gather issued before the counts said it is
+            # too small) must finish before the buffer is released
+            torch.cuda.synchronize(device)
         ws = _WORKSPACES[key] = kind(size, group, device)
     return ws
