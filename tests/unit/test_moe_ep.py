@@ -107,6 +107,15 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         except ValueError as exc:
             result["error"] = str(exc)
     inp = _inputs(case)
+    if case.get("grow"):
+        # a tiny granule and a first call on half the tokens: the next calls find a workspace
+        # large enough for their own rows (the early gather goes into it) but not for all they
+        # receive, so it grows under them, and they must gather again into the new one
+        from kernels.a2a_overlap import workspace
+
+        workspace.GRANULE_BYTES = 64
+        half = dict(case, tokens=[t // 2 for t in case["tokens"]])
+        _run_rank(moe_ffn_ep, _inputs(dict(half, seed=case["seed"] + 1)), rank, half, num_chunks=1, transport="copy")
     # ... so the collectives that follow still pair up
     for C in case.get("chunks", CHUNKS):
         t = time.perf_counter()
@@ -230,6 +239,12 @@ def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
         for n in ("out", "x", "logits", "w_gate_up", "w_down"):
             assert torch.equal(_gathered(results, key)[n], _gathered(results, "ep3")[n]), (key, n)
     _check(case, results)
+
+
+@pytest.mark.timeout(180)
+def test_copy_transport_workspace_grows_between_calls(tmp_path):
+    case = dict(W=2, E=6, tokens=[8, 6], top_k=2, seed=21, grow=True, ref=False)
+    _check(case, _spawn(case, tmp_path))
 
 
 @pytest.mark.timeout(180)
