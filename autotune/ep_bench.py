@@ -168,9 +168,10 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     """(comm(), compute()) closures on the serial schedule's routed rows (one chunk)."""
     import torch.distributed as dist
 
-    from kernels.a2a_overlap.api import _expert_order, _experts
+    from kernels.a2a_overlap.api import _experts
     from kernels.a2a_overlap.exchange import start_exchange
     from kernels.moe_gemm import route
+    from kernels.moe_gemm.routing import group_by_expert
 
     E_l = dims["E"] // W
     rt = route(inp["logits"], dims["top_k"])
@@ -181,7 +182,8 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     xs = inp["x"][rt.row_to_token.long()]
     recv = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
     ids = torch.repeat_interleave(torch.arange(E_l, device=xs.device).repeat(W), recv_counts.reshape(-1))
-    order = _expert_order(ids, E_l)  # the rows' order for the experts, outside the timed region
+    perm, inv, ends = group_by_expert(ids, E_l)  # the rows' order for the experts, outside the timed region
+    order = perm, inv, ends.to(torch.int32)
 
     def comm():
         back = start_exchange(xs, send, recv_splits, None, "dispatch").wait()

@@ -60,7 +60,7 @@ from kernels.a2a_overlap import copy_exchange, schedule, workspace
 from kernels.a2a_overlap.exchange import start_exchange
 from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.moe_gemm.api import MoECombineFunction, MoEExpertsFunction, _check_moe, moe_ffn
-from kernels.moe_gemm.routing import combine, route
+from kernels.moe_gemm.routing import combine, group_by_expert, route
 
 
 class _GatherRows(torch.autograd.Function):
@@ -122,16 +122,6 @@ def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks
 def _expand_experts(w: torch.Tensor, E: int) -> torch.Tensor:
     """A [E, ...] view of a local shard for the shape checks (stride-0 view, no copy)."""
     return w[:1].expand(E, *w.shape[1:]) if w.shape[0] >= 1 else w
-
-
-def _expert_order(ids: torch.Tensor, E_l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Received rows' local expert ids -> ``(perm, inv, offsets)``: ``perm`` lists the rows
-    expert-major (stable, so source-minor), ``inv`` its inverse, ``offsets`` int32 group ends."""
-    ids_sorted, perm = torch.sort(ids, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
-    offsets = torch.searchsorted(ids_sorted, torch.arange(E_l, device=ids.device), right=True).to(torch.int32)
-    return perm, inv, offsets
 
 
 def _experts(rows, w_gate_up_local, w_down_local, order, inv, offsets):
@@ -234,8 +224,8 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     for g in range(C):
         nxt = start_dispatch(g + 1) if g + 1 < C else None
         recv = pending.wait()
-        perm, inv, offsets = _expert_order(expert_ids(g, sum(recv_splits[g])), bounds[g + 1] - bounds[g])
-        y_sorted = _experts(recv, w_gate_up_chunks[g], w_down_chunks[g], perm, inv, offsets)
+        perm, inv, ends = group_by_expert(expert_ids(g, sum(recv_splits[g])), bounds[g + 1] - bounds[g])
+        y_sorted = _experts(recv, w_gate_up_chunks[g], w_down_chunks[g], perm, inv, ends.to(torch.int32))
         combines.append(start_exchange(y_sorted[inv], recv_splits[g], send_splits[g], group, f"combine of chunk {g}"))
         pending = nxt
     y_back = [pending.wait() for pending in combines]
@@ -295,7 +285,5 @@ def _chunk_major(rt, W: int, E_l: int, bounds: list[int]) -> tuple[torch.Tensor,
     chunk_of_local = [g for g in range(C) for _ in range(bounds[g], bounds[g + 1])]
     chunk_of_expert = torch.tensor(chunk_of_local * W, device=dev)  # [E]
     expert_of_row = rt.experts.reshape(-1)[rt.row_to_copy]  # [M], non-decreasing
-    perm = torch.sort(chunk_of_expert[expert_of_row], stable=True).indices  # [M] new row -> old row
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.shape[0], device=dev)
+    perm, inv, _ = group_by_expert(chunk_of_expert[expert_of_row], C)  # [M] new row -> old row, and back
     return rt.row_to_token[perm], inv[rt.copy_to_row.long()].to(torch.int32)

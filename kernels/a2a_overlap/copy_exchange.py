@@ -42,7 +42,7 @@ import torch
 from kernels.a2a_overlap import workspace as ws_mod
 from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.a2a_overlap.exchange import exchange
-from kernels.moe_gemm.routing import combine
+from kernels.moe_gemm.routing import combine, group_by_expert
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +66,7 @@ class CopyExchange:
         self.dispatch_stream, self.combine_stream = _side_streams(device) if self.cuda else (None, None)
         self.dispatched = [None] * plan.C
         self.recvs = self.ybuf = None
+        self._orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         ends = torch.tensor(plan.expert_ends(), dtype=torch.int32)
         self._ends = ends.pin_memory().to(device, non_blocking=True) if self.cuda else ends
 
@@ -75,16 +76,16 @@ class CopyExchange:
 
     def expert_order(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(perm, inv) between chunk g's rows source-major (as an all-to-all delivers them)
-        and expert-major (as the pulls deliver them): ``sorted[i] = source_major[perm[i]]``."""
-        p = self.plan
-        E_g = p.bounds[g + 1] - p.bounds[g]
-        local = range(p.me * p.E_l + p.bounds[g], p.me * p.E_l + p.bounds[g + 1])  # this rank's chunk-g experts
-        counts = torch.tensor([p.counts[s][e] for s in range(p.W) for e in local])
-        ids = torch.repeat_interleave(torch.arange(E_g).repeat(p.W), counts)
-        perm = torch.sort(ids, stable=True).indices
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
-        return perm.to(self.device), inv.to(self.device)
+        and expert-major (as the pulls deliver them): ``sorted[i] = source_major[perm[i]]``.
+        Computed once per chunk, for the backward."""
+        if g not in self._orders:
+            p = self.plan
+            local = range(p.me * p.E_l + p.bounds[g], p.me * p.E_l + p.bounds[g + 1])  # this rank's chunk-g experts
+            counts = torch.tensor([p.counts[s][e] for s in range(p.W) for e in local])
+            ids = torch.repeat_interleave(torch.arange(len(local)).repeat(p.W), counts)
+            perm, inv, _ = group_by_expert(ids, len(local))
+            self._orders[g] = perm.to(self.device), inv.to(self.device)
+        return self._orders[g]
 
     def _on(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

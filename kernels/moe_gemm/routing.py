@@ -59,6 +59,17 @@ class Routing:
         return self.offsets.shape[0]
 
 
+def group_by_expert(ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' expert ids ``[M]`` (int) -> ``(order, inverse, ends)``, int64 on ids' device:
+    ``order`` lists the rows grouped by expert (a stable sort: rows of one expert keep their
+    order), ``inverse[order[i]] = i``, ``ends[e]`` the end of expert e's rows in that order."""
+    sorted_ids, order = torch.sort(ids, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=ids.device)
+    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=ids.device, dtype=sorted_ids.dtype), right=True)
+    return order, inverse, ends
+
+
 def route(router_logits: torch.Tensor, top_k: int) -> Routing:
     """Softmax over the E logits (fp32), top-k by a stable descending sort, renormalised
     weights, and the expert-grouped permutation of the T*k copies. Differentiable in the
@@ -79,11 +90,8 @@ def route(router_logits: torch.Tensor, top_k: int) -> Routing:
     else:
         weights = top / top.sum(dim=-1, keepdim=True)
     with torch.no_grad():
-        sorted_experts, row_to_copy = torch.sort(experts.reshape(-1), stable=True)  # [M], [M]
+        row_to_copy, copy_to_row, offsets = group_by_expert(experts.reshape(-1), E)  # [M], [M], [E]
         row_to_token = torch.div(row_to_copy, top_k, rounding_mode="floor").to(torch.int32)
-        copy_to_row = torch.empty(M, dtype=torch.int64, device=device)
-        copy_to_row[row_to_copy] = torch.arange(M, device=device)
-        offsets = torch.searchsorted(sorted_experts, torch.arange(E, device=device), right=True)
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     return Routing(
         weights=weights,
