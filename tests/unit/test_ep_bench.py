@@ -25,7 +25,7 @@ def _row(T, name, ms, config=None, rel_err=None, experts_ms=None):
 def test_summarise_hidden_fraction_and_checked_winner():
     rows = [
         _row(4096, "comm", 1.0), _row(4096, "compute", 10.0),
-        _row(4096, "serial", 11.8, {"num_chunks": 1, "comm_ctas": 0}),
+        _row(4096, "serial", 11.8, {"num_chunks": 1, "comm_ctas": 0}, experts_ms=9.9),
         _row(4096, "chunks4-ctas0", 11.6, {"num_chunks": 4, "comm_ctas": 0}, 1e-3),
         _row(4096, "chunks4-ctas16", 10.2, {"num_chunks": 4, "comm_ctas": 16}, 1e-3, experts_ms=10.4),
         _row(4096, "chunks8-ctas8", 9.0, {"num_chunks": 8, "comm_ctas": 8}, 0.5),  # fast but wrong
@@ -35,8 +35,27 @@ def test_summarise_hidden_fraction_and_checked_winner():
     assert s["hidden"] == pytest.approx((11.8 - 10.2) / 1.0)
     assert s["experts_ms"] == pytest.approx(10.4)  # the median of the experts clock's times
     assert s["expert_slowdown"] == pytest.approx(10.4 / 10.0 - 1)
+    # outside the experts: serial spends 11.8 - 9.9 = 1.9 ms, ours 10.2 - 10.4 < 0 (the experts clock
+    # and the call clock are separate runs), so it hides (1.9 - (-0.2)) / 1.0 of the communication
+    assert s["serial_experts_ms"] == pytest.approx(9.9)
+    assert s["hidden_outside_experts"] == pytest.approx(((11.8 - 9.9) - (10.2 - 10.4)) / 1.0)
     del rows[4]["experts_times"]  # no experts clock on the winner: no slowdown claimed
-    assert ep_bench.summarise(rows)[4096]["expert_slowdown"] is None
+    s = ep_bench.summarise(rows)[4096]
+    assert s["expert_slowdown"] is None and s["hidden_outside_experts"] is None
+
+
+def test_hidden_outside_experts_discounts_faster_chunked_experts():
+    """A schedule whose chunked GEMMs run faster than serial's one launch gets past 100% by
+    issue 6's formula; outside the experts it is credited only with what it saved there."""
+    rows = [
+        _row(16384, "comm", 2.0), _row(16384, "compute", 19.4),
+        _row(16384, "serial", 23.4, {"num_chunks": 1, "comm_ctas": 0}, experts_ms=19.4),
+        _row(16384, "copy-chunks8", 20.2, {"num_chunks": 8, "comm_ctas": 0}, 1e-3, experts_ms=17.8),
+    ]
+    s = ep_bench.summarise(rows)[16384]
+    assert s["hidden"] == pytest.approx(1.6)  # (23.4 - 20.2) / 2.0: more than all of it
+    assert s["hidden_outside_experts"] == pytest.approx(((23.4 - 19.4) - (20.2 - 17.8)) / 2.0)  # 0.8
+    assert s["expert_slowdown"] == pytest.approx(17.8 / 19.4 - 1)
 
 
 def test_timer_interleaves_repetitions(monkeypatch):
