@@ -89,7 +89,8 @@ class _ProgressReporter:
 
 
 def _run_with_progress(
-    console: Console, tuner: Tuner, jobs: list[Job], strategy: str, on_bucket: Callable[[BucketResult], None]
+    console: Console, tuner: Tuner, jobs: list[Job], strategy: str, on_bucket: Callable[[BucketResult], None],
+    known: list[dict],
 ) -> TuneRun:
     chosen = STRATEGIES[strategy]
     columns = (
@@ -104,7 +105,7 @@ def _run_with_progress(
     )
     with Progress(*columns, console=console) as progress:
         total = sum(chosen.planned(len(job.candidates)) for job in jobs)
-        return tuner.tune(jobs, chosen, _ProgressReporter(progress, tuner.tunable.name, total, on_bucket))
+        return tuner.tune(jobs, chosen, _ProgressReporter(progress, tuner.tunable.name, total, on_bucket), known)
 
 
 def _results_table(run: TuneRun, tunable: Tunable, gpu_name: str) -> Table:
@@ -197,7 +198,7 @@ def tune(
 
     from autotune import tunable as registry
     from autotune.runner import Tuner, TuneRun, plan
-    from autotune.writer import write_configs
+    from autotune.writer import known_winners, write_configs
     from kernels._config import device_slug
 
     kernels = registry.names() if kernel == "all" else [kernel]
@@ -245,7 +246,11 @@ def tune(
                 this_bucket = dataclasses.replace(partial, buckets=[bucket])
                 appended[0] += append_records(tune_records(t, this_bucket), results / f"{t.name}-tune.jsonl")
 
-        run = _run_with_progress(console, tuner, jobs, strategy, checkpoint)
+        # the winners already on file for this kernel and GPU seed every bucket's search
+        known = known_winners(t.name, slug=slug, root=out_dir)
+        if known:
+            console.print(f"{t.name}: {len(known)} winner(s) already on file seed the search")
+        run = _run_with_progress(console, tuner, jobs, strategy, checkpoint, known)
         console.print(_results_table(run, t, gpu_name))
         _print_failures(console, run)
         incomplete |= any(b.best is None for b in run.buckets)

@@ -30,6 +30,11 @@ chunks run beside them): the experts' own time under overlap, whose slowdown aga
 / comm can pass 100%; ``hidden_outside_experts`` (see :func:`summarise`) subtracts each
 schedule's own experts time first and is the stricter number.
 
+Every rank samples its GPU's SM clock, power and throttle reasons (NVML) while a token count
+is timed; the summaries go into each results line's ``telemetry`` (keyed by rank). Under the
+power cap back-to-back GEMMs run at lower clocks than GEMMs with gaps between them, so the
+experts' time moves with the schedule's idle time as well as with interference.
+
 As soon as a token count is done, rank 0 appends its measurements to
 ``<results>/moe_ffn_ep.jsonl`` (one schema, ``profiling.results``) and merges its winner into
 ``<config root>/<gpu-slug>/moe_ffn_ep.json`` (a killed run keeps every finished T),
@@ -213,6 +218,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                                 timeout=datetime.timedelta(seconds=args.timeout), **kwargs)
         from autotune.worker import rel_error
         from kernels.a2a_overlap import moe_ffn_ep
+        from profiling import TelemetrySampler
 
         dims = TINY if cpu else MINIMAX
         started = time.perf_counter()
@@ -238,8 +244,14 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                     schedules[name] = ({"num_chunks": C, "comm_ctas": K, "transport": X}, err.item())
                 calls = {name: (lambda c=config: run(c["num_chunks"], c["comm_ctas"], c["transport"]))
                          for name, (config, _) in schedules.items()}
-                times = timer({"comm": comm, "compute": compute, **calls})
-                experts = experts_clock(calls)
+                # every rank samples its GPU's clocks, power and throttle reasons while timing:
+                # under the power cap, back-to-back GEMMs ("compute", serial) run at lower SM
+                # clocks than GEMMs with gaps between them (the chunked schedules)
+                with TelemetrySampler(index=rank) as sampler:
+                    times = timer({"comm": comm, "compute": compute, **calls})
+                    experts = experts_clock(calls)
+                telemetry = [None] * W
+                dist.all_gather_object(telemetry, sampler.summary())
                 rows.append({"T": T, "name": "comm", "times": times["comm"]})
                 rows.append({"T": T, "name": "compute", "times": times["compute"]})
                 for name, (config, err) in schedules.items():
@@ -250,8 +262,9 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                     # a run that is killed keeps every T it finished
                     print(f"T={T}: " + ", ".join(f"{r['name']} {statistics.median(r['times']):.3f} ms"
                                                  for r in rows if r["T"] == T), flush=True)
-                    _save({"rows": [r for r in rows if r["T"] == T], "dims": dims,
-                           "dtype": str(dtype).removeprefix("torch."), "W": W}, args, time.perf_counter() - started)
+                    _save({"rows": [r for r in rows if r["T"] == T], "dims": dims, "dtype": str(dtype).removeprefix("torch."),
+                           "W": W, "telemetry": {f"rank{r}": t for r, t in enumerate(telemetry) if t}},
+                          args, time.perf_counter() - started)
                 del inp
         dist.barrier()
         dist.destroy_process_group()
@@ -320,7 +333,7 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
             config=r.get("config", {}), median_ms=float(np.median(t)), p20_ms=float(np.percentile(t, 20)),
             p80_ms=float(np.percentile(t, 80)), floor_ms=None, bytes=None, flops=None, x_name="tokens per rank",
             x_value=r["T"], gpu={"name": identity.name, "slug": identity.slug, "driver": identity.driver} if identity else {},
-            versions=versions(), telemetry={}, extra=extra))
+            versions=versions(), telemetry=result.get("telemetry", {}), extra=extra))
     for T, s in summary.items():
         ranked = sorted((r for r in rows if r["T"] == T and "config" in r and r.get("rel_err", 0.0) <= TOLERANCE),
                         key=lambda r: statistics.median(r["times"]))
@@ -355,6 +368,11 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
               f"({_pct(s['hidden_outside_experts'], '.0f')} outside the experts), experts "
               f"{s['experts_ms'] or float('nan'):.3f} ms under it ({_pct(s['expert_slowdown'], '+.1f')}; "
               f"serial's {s['serial_experts_ms'] or float('nan'):.3f})", flush=True)
+    for rank, t in result.get("telemetry", {}).items():
+        if "sm_clock_mhz" in t:
+            clock, power = t["sm_clock_mhz"], t.get("power_w", {})
+            print(f"  {rank}: SM clock {clock['min']}-{clock['max']} MHz (median {clock['median']}), power up to "
+                  f"{power.get('max')} W, throttle reasons {t.get('throttle_reasons')}")
 
 
 def _pct(value: float | None, spec: str) -> str:

@@ -6,7 +6,8 @@ strategy on each job through a backend (:mod:`autotune.worker`), samples NVML te
 around each bucket, and measures the default config with the full budget so every bucket
 reports its speed-up over what the kernel launches untuned (the default then competes with
 the strategy's final candidates). Buckets are tuned in the order given; each one seeds the
-next with its winner (strategies that search locally start there).
+next with its winner, and the winners already in the kernel's config file (``known``) seed
+every bucket (strategies that search locally start there).
 """
 from __future__ import annotations
 
@@ -166,6 +167,17 @@ class SilentReporter:
         pass
 
 
+def _seeds(previous: Config | None, known: list[Config], job: Job) -> list[Config]:
+    """The previous bucket's winner, the known winners that are candidates of ``job``, and the
+    default last, without repeats."""
+    valid = {config_key(c) for c in job.candidates}
+    seeds: dict[tuple, Config] = {}
+    for config in ([previous] if previous else []) + [c for c in known if config_key(c) in valid]:
+        seeds.setdefault(config_key(config), config)
+    seeds.pop(config_key(job.default), None)
+    return [*seeds.values(), job.default]
+
+
 class Tuner:
     """Tunes one kernel on one device.
 
@@ -196,7 +208,14 @@ class Tuner:
         """Compiled kernels on a GPU; not the interpreter, not the CPU."""
         return self.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1"
 
-    def tune(self, jobs: list[Job], strategy: Strategy, reporter: Reporter | None = None) -> TuneRun:
+    def tune(
+        self, jobs: list[Job], strategy: Strategy, reporter: Reporter | None = None, known: list[Config] = ()
+    ) -> TuneRun:
+        """Tune every job. ``known``: configs that won other buckets before (e.g. the config
+        file's winners, :func:`autotune.writer.known_winners`); each bucket's search starts
+        from the previous bucket's winner, those of them that are valid candidates here, and
+        the default. Without them a warm search stops at the first local optimum around the
+        previous winner and can stay on the default (session 5: the E=8 MoE buckets)."""
         reporter = reporter or SilentReporter()
         rng = random.Random(self.seed)
         backend = (
@@ -209,7 +228,7 @@ class Tuner:
         previous: Config | None = None
         with backend, TelemetrySampler() as sampler:
             for job in jobs:
-                seeds = ([previous] if previous else []) + [job.default]
+                seeds = _seeds(previous, known, job)
                 bucket = self._tune_bucket(backend, job, strategy, seeds, rng, reporter)
                 buckets.append(bucket)
                 previous = bucket.best.config if bucket.best else previous

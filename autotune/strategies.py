@@ -97,11 +97,12 @@ def local(
 ) -> list[Result]:
     """Random sample plus local search, measuring at most ``max(8, 20%)`` of the candidates.
 
-    ``seeds`` are the previous bucket's winner (when there is one) followed by the default.
+    ``seeds`` are the previous bucket's winner and the config file's winners (when there are
+    any) followed by the default.
     Cold start (the default only): the seeds and a few random candidates, then repeatedly
     the unmeasured neighbours of the best so far; at a local optimum, fresh random
-    candidates, until the budget is spent. Warm start (a previous winner): hill-climbing
-    from the seeds only, stopping at the first local optimum: neighbouring buckets share
+    candidates, until the budget is spent. Warm start (earlier winners): hill-climbing
+    from the best of the seeds only, stopping at the first local optimum: neighbouring buckets share
     their optimum or sit next to it, and the configs near it are already compiled, so a
     warm bucket costs a handful of measurements. Every measurement uses the full ``rep_ms``.
     """

@@ -34,6 +34,17 @@ def target_path(kernel: str, slug: str | None = None, root: Path | None = None) 
     return path if root is None else Path(root) / path.relative_to(config_root())
 
 
+def known_winners(kernel: str, slug: str | None = None, root: Path | None = None) -> list[dict]:
+    """The distinct configs that won some bucket of ``kernel``'s file (ok or stale: a winner
+    tuned under another triton is still a good place to start a search), in file order;
+    [] when the file is missing or corrupt. The tuner seeds its local search with them."""
+    found = read_config_file(target_path(kernel, slug, root))
+    winners: dict[tuple, dict] = {}
+    for entry in found.entries:
+        winners.setdefault(config_key(entry["config"]), dict(entry["config"]))
+    return list(winners.values())
+
+
 def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
     """Union by bucket key; where both have a bucket, the later ``date`` wins (ties: ``new``)."""
     merged = {config_key(e["key"]): e for e in old}

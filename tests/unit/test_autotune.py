@@ -327,6 +327,34 @@ def test_decode_space_is_a_union_of_backends():
 
 # --------------------------------------------------------------------------- writer
 
+def test_known_winners_seed_every_bucket(config_dir):
+    """The config file's winners (ok or stale file) seed each bucket's search after the
+    previous bucket's winner; ones that are not candidates of a bucket are left out; the
+    default comes last, once."""
+    good, other = {"BLOCK": 8, "SPLIT": 1}, {"BLOCK": 4, "SPLIT": 2}
+    assert writer.known_winners("fake", slug="gpu") == []  # no file
+    stale_meta = {**meta(), "triton": "0.0.0"}
+    writer.write_configs("fake", [{"key": {"N": 64}, "config": good, "date": "x"},
+                                  {"key": {"N": 128}, "config": other, "date": "x"},
+                                  {"key": {"N": 256}, "config": good, "date": "x"}], stale_meta, slug="gpu")
+    assert writer.known_winners("fake", slug="gpu") == [good, other]
+    seen = []
+
+    def spy(candidates, measure, *, rep_ms, seeds, rng):
+        seen.append(list(seeds))
+        return measure(list(seeds), rep_ms)
+
+    jobs = plan(FAKE, [{"N": 64}, {"N": 128}])
+    default = jobs[0].default
+    unknown = {"BLOCK": 3, "SPLIT": 1}  # not a candidate: never seeded
+    run = Tuner(FAKE, device="cpu", isolate=False, rep_ms=5).tune(
+        jobs, strategies.Strategy("spy", spy, lambda n: 3, "spy"), known=[unknown, good, other, default])
+    assert seen[0] == [good, other, default]
+    first = run.buckets[0].best.config
+    assert seen[1][0] == first and seen[1][-1] == default
+    assert [config_key(c) for c in seen[1]] == list(dict.fromkeys(config_key(c) for c in [first, good, other, default]))
+
+
 def entry(T: int, config: dict, date: str = "2026-01-01T00:00:00+00:00") -> dict:
     return {"key": {"D": 128, "E": 128, "dtype": "bfloat16", "T": T}, "config": config, "median_ms": 1.0, "date": date}
 
