@@ -12,25 +12,33 @@ expert ``e % E_l``); chunk g holds local experts ``bounds[g]:bounds[g+1]`` of ev
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 
 class ExchangePlan:
     """Every split and offset of one call, for rank ``me`` (host-side integers only)."""
 
     def __init__(self, counts: list[list[int]], me: int, E_l: int, bounds: list[int]):
+        # host time between the call's one sync and its first pulls: prefix sums, not nested sums
         W, C = len(counts), len(bounds) - 1
         self.W, self.C, self.me, self.E_l, self.bounds, self.counts = W, C, me, E_l, bounds, counts
+        # e_off[s][e]: start of expert e's rows in rank s's routing order (e_off[s][E] = M_s)
+        self.e_off = [[0, *accumulate(c)] for c in counts]
+        self.M = [off[-1] for off in self.e_off]
         # n[s][g][r]: rows s sends to r in chunk g
-        n = [[[sum(counts[s][r * E_l + j] for j in range(bounds[g], bounds[g + 1])) for r in range(W)]
-              for g in range(C)] for s in range(W)]
-        self.send_splits = [n[me][g] for g in range(C)]  # [C][W]
+        n = [[[off[r * E_l + bounds[g + 1]] - off[r * E_l + bounds[g]] for r in range(W)] for g in range(C)]
+             for off in self.e_off]
+        self.send_splits = n[me]  # [C][W]
         self.recv_splits = [[n[s][g][me] for s in range(W)] for g in range(C)]  # [C][W]
-        self.M = [sum(c) for c in counts]
-        # e_off[s][e]: start of expert e's rows in rank s's routing order
-        self.e_off = [[sum(c[:e]) for e in range(len(c))] for c in counts]
+        # total[e]: rows expert e receives from all ranks; before_me[e]: from ranks before this one
+        columns = list(zip(*counts))
+        self.total = [sum(col) for col in columns]
+        self.before_me = [sum(col[:me]) for col in columns]
+        t_off = [0, *accumulate(self.total)]
         # R[r][g]: rows r receives in chunk g; y_start[r][g]: where they sit in r's workspace,
         # after r's own rows: [ xs_r (M_r rows) | chunk 0 | chunk 1 | ... ]
-        self.R = [[sum(n[s][g][r] for s in range(W)) for g in range(C)] for r in range(W)]
-        self.y_start = [[self.M[r] + sum(self.R[r][:g]) for g in range(C)] for r in range(W)]
+        self.R = [[t_off[r * E_l + bounds[g + 1]] - t_off[r * E_l + bounds[g]] for g in range(C)] for r in range(W)]
+        self.y_start = [[self.M[r] + before for before in accumulate(self.R[r], initial=0)][:C] for r in range(W)]
         self.rows_needed = max(self.M[r] + sum(self.R[r]) for r in range(W))
 
     def _local(self, j: int) -> int:
@@ -56,23 +64,19 @@ class ExchangePlan:
         """(owner rank r, row in r's workspace, row in this rank's routing order, rows),
         nonempty: for each of r's chunk-g experts e, the outputs of the rows this rank sent to e
         (r holds them expert-major, source-minor from ``y_start[r][g]``)."""
-        c, me, W = self.counts, self.me, self.W
-        for r in range(W):
+        mine = self.counts[self.me]
+        for r in range(self.W):
             src = self.y_start[r][g]
             for j in range(self.bounds[g], self.bounds[g + 1]):
                 e = r * self.E_l + j
-                before = sum(c[s][e] for s in range(me))  # rows of expert e from ranks < me
-                if c[me][e]:
-                    yield r, src + before, self.e_off[me][e], c[me][e]
-                src += sum(c[s][e] for s in range(W))
+                if mine[e]:  # after the rows of expert e from ranks before this one
+                    yield r, src + self.before_me[e], self.e_off[self.me][e], mine[e]
+                src += self.total[e]
 
     def expert_ends(self) -> list[int]:
         """For each local expert j: the end of its rows in its chunk's receive buffer (the
         grouped GEMM's offsets of chunk g are entries ``bounds[g]:bounds[g+1]``)."""
         ends = []
         for g in range(self.C):
-            end = 0
-            for j in range(self.bounds[g], self.bounds[g + 1]):
-                end += sum(self.counts[s][self._local(j)] for s in range(self.W))
-                ends.append(end)
+            ends += accumulate(self.total[self._local(j)] for j in range(self.bounds[g], self.bounds[g + 1]))
         return ends

@@ -42,6 +42,8 @@ def test_pulls_deliver_every_row_once_in_expert_order(W, E_l, C, counts):
             want = [(s, r * E_l + j, i) for j in range(bounds[g], bounds[g + 1])
                     for s in range(W) for i in range(counts[s][r * E_l + j])]
             assert buf == want
+            assert p.recv_splits[g] == [sum(1 for v in want if v[0] == s) for s in range(W)]
+            assert [plans[s].send_splits[g][r] for s in range(W)] == p.recv_splits[g]
             assert p.expert_ends()[bounds[g]:bounds[g + 1]] == [
                 sum(1 for v in want if v[1] < r * E_l + j + 1) for j in range(bounds[g], bounds[g + 1])]
             recv[r, g] = buf
