@@ -201,8 +201,11 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     and the ``copy_to_row`` of that order."""
     C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
     row_to_token, copy_to_row = _chunk_major(rt, W, E_l, bounds)
-    counts = _all_counts(rt.counts, W, group, rank)  # the call's one host sync
-    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)
+    # every row gathered once (while the counts travel), then split by chunk (views; the
+    # backward concatenates)
+    counts, xs = _all_counts(rt.counts, W, group, rank,
+                             meanwhile=lambda: _GatherRows.apply(x, row_to_token, copy_to_row))
+    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)  # the call's one host sync
     send_splits, recv_splits = plan.send_splits, plan.recv_splits  # [C][W] each
     recv_counts = counts[:, rank * E_l:(rank + 1) * E_l]  # [W(src), E_l], on the device
 
@@ -212,8 +215,6 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
         return torch.repeat_interleave(torch.arange(E_g, device=dev).repeat(W),
                                        recv_counts[:, bounds[g]:bounds[g + 1]].reshape(-1), output_size=rows)
 
-    # every row gathered once, then split by chunk (views; the backward concatenates)
-    xs = _GatherRows.apply(x, row_to_token, copy_to_row)
     xs_chunks = xs.split([sum(s) for s in send_splits])
 
     def start_dispatch(g):
@@ -240,11 +241,15 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     # this rank's rows go into the workspace while the counts travel, when the current
     # workspace is large enough (else after the counts, into the grown one)
     early = workspace.peek(group, dev, M * Hd * x.dtype.itemsize)
-    if early is not None:
-        # (x's gradient flows through CopyDispatch, which takes x and skips its own gather)
-        torch.index_select(x.detach(), 0, rt.row_to_token.long(), out=early.rows(rank, 0, M, Hd, x.dtype))
-    counts = _all_counts(rt.counts, W, group, rank)  # the call's one host sync
-    xfer = copy_exchange.CopyExchange(ExchangePlan(counts.tolist(), rank, E_l, bounds), group, dev, Hd, x.dtype)
+
+    def gather_early():
+        if early is not None:
+            # (x's gradient flows through CopyDispatch, which takes x and skips its own gather)
+            torch.index_select(x.detach(), 0, rt.row_to_token.long(), out=early.rows(rank, 0, M, Hd, x.dtype))
+
+    counts, _ = _all_counts(rt.counts, W, group, rank, meanwhile=gather_early)
+    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)  # the call's one host sync
+    xfer = copy_exchange.CopyExchange(plan, group, dev, Hd, x.dtype)
     recvs = copy_exchange.CopyDispatch.apply(x, rt.row_to_token, rt.copy_to_row, xfer,
                                              xfer.ws is early)  # pulls chunk 0
     identity = torch.arange(max([r.shape[0] for r in recvs] + [0]), device=dev)
@@ -262,15 +267,21 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     return copy_exchange.CopyCombine.apply(xfer, *ys), rt.copy_to_row
 
 
-def _all_counts(counts: torch.Tensor, W: int, group, rank: int) -> torch.Tensor:
-    """Every rank's routing counts ``[W, E]`` (int64, on counts' device): one all-gather."""
+def _all_counts(counts: torch.Tensor, W: int, group, rank: int, meanwhile=None):
+    """Every rank's routing counts ``[W, E]`` (int64, on counts' device): one all-gather.
+
+    ``meanwhile()`` (work that does not need the counts, e.g. gathering this rank's rows) is
+    issued after the all-gather, so the all-gather does not wait for it on the stream and the
+    two run together; returns ``(counts, meanwhile's result)``."""
     mine = counts.to(torch.int64).contiguous()
     parts = [torch.empty_like(mine) for _ in range(W)]
     try:
-        dist.all_gather(parts, mine, group=group)
+        work = dist.all_gather(parts, mine, group=group, async_op=True)
+        done = meanwhile() if meanwhile is not None else None
+        work.wait()
     except RuntimeError as exc:
         raise RuntimeError(f"moe_ffn_ep: count exchange failed or timed out on rank {rank}: {exc}") from exc
-    return torch.stack(parts)
+    return torch.stack(parts), done
 
 
 def _chunk_major(rt, W: int, E_l: int, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
