@@ -275,12 +275,16 @@ def _all_counts(counts: torch.Tensor, W: int, group, rank: int, meanwhile=None):
     two run together; returns ``(counts, meanwhile's result)``."""
     mine = counts.to(torch.int64).contiguous()
     parts = [torch.empty_like(mine) for _ in range(W)]
+    failed = f"moe_ffn_ep: count exchange failed or timed out on rank {rank}"
     try:
         work = dist.all_gather(parts, mine, group=group, async_op=True)
-        done = meanwhile() if meanwhile is not None else None
+    except RuntimeError as exc:
+        raise RuntimeError(f"{failed}: {exc}") from exc
+    done = meanwhile() if meanwhile is not None else None  # its own errors are its own
+    try:
         work.wait()
     except RuntimeError as exc:
-        raise RuntimeError(f"moe_ffn_ep: count exchange failed or timed out on rank {rank}: {exc}") from exc
+        raise RuntimeError(f"{failed}: {exc}") from exc
     return torch.stack(parts), done
 
 
