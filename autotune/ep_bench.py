@@ -31,7 +31,8 @@ chunks run beside them): the experts' own time under overlap, whose slowdown aga
 schedule's own experts time first and is the stricter number.
 
 Every rank samples its GPU's SM clock, power and throttle reasons (NVML) while a token count
-is timed; the summaries go into each results line's ``telemetry`` (keyed by rank). Under the
+is timed; rank 0's summary is each results line's ``telemetry`` (the GPU its ``gpu`` names),
+every rank's is in ``extra["telemetry_by_rank"]``. Under the
 power cap back-to-back GEMMs run at lower clocks than GEMMs with gaps between them, so the
 experts' time moves with the schedule's idle time as well as with interference.
 
@@ -323,6 +324,7 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
         shape = {"W": W, **dims, "T": r["T"]}
         provider = "ours" if r is summary[r["T"]]["best"] else r["name"]
         extra = {"name": r["name"], "reps": len(t), "rel_err_vs_serial": r.get("rel_err"),
+                 "telemetry_by_rank": result.get("telemetry", {}),
                  "experts_ms": statistics.median(r["experts_times"]) if r.get("experts_times") else None,
                  "chunks_split": "experts", "timing_meaningful": not args.cpu}
         if provider == "ours" or r["name"] == "serial":
@@ -333,7 +335,7 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
             config=r.get("config", {}), median_ms=float(np.median(t)), p20_ms=float(np.percentile(t, 20)),
             p80_ms=float(np.percentile(t, 80)), floor_ms=None, bytes=None, flops=None, x_name="tokens per rank",
             x_value=r["T"], gpu={"name": identity.name, "slug": identity.slug, "driver": identity.driver} if identity else {},
-            versions=versions(), telemetry=result.get("telemetry", {}), extra=extra))
+            versions=versions(), telemetry=result.get("telemetry", {}).get("rank0", {}), extra=extra))
     for T, s in summary.items():
         ranked = sorted((r for r in rows if r["T"] == T and "config" in r and r.get("rel_err", 0.0) <= TOLERANCE),
                         key=lambda r: statistics.median(r["times"]))
