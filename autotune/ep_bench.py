@@ -179,7 +179,7 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     from kernels.a2a_overlap.api import _experts
     from kernels.a2a_overlap.exchange import start_exchange
     from kernels.moe_gemm import route
-    from kernels.moe_gemm.routing import group_by_expert
+    from kernels.moe_gemm.routing import group_received
 
     E_l = dims["E"] // W
     rt = route(inp["logits"], dims["top_k"])
@@ -189,8 +189,7 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     send, recv_splits = send_counts.sum(-1).tolist(), recv_counts.sum(-1).tolist()
     xs = inp["x"][rt.row_to_token.long()]
     recv = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
-    ids = torch.repeat_interleave(torch.arange(E_l, device=xs.device).repeat(W), recv_counts.reshape(-1))
-    perm, inv, ends = group_by_expert(ids, E_l)  # the rows' order for the experts, outside the timed region
+    perm, inv, ends = group_received(recv_counts)  # the rows' order for the experts, outside the timed region
     order = perm, inv, ends.to(torch.int32)
 
     def comm():

@@ -60,7 +60,7 @@ from kernels.a2a_overlap import copy_exchange, schedule, workspace
 from kernels.a2a_overlap.exchange import start_exchange
 from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.moe_gemm.api import MoECombineFunction, MoEExpertsFunction, _check_moe, moe_ffn
-from kernels.moe_gemm.routing import combine, group_by_expert, route
+from kernels.moe_gemm.routing import combine, group_by_expert, group_received, route
 
 
 class _GatherRows(torch.autograd.Function):
@@ -199,7 +199,7 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     """The NCCL transport: all-to-alls of chunk-major rows, chunk g+1's dispatch and chunk
     g-1's combine in flight under chunk g's experts. Returns the expert outputs in send order
     and the ``copy_to_row`` of that order."""
-    C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
+    C, E_l = len(bounds) - 1, bounds[-1]
     row_to_token, copy_to_row = _chunk_major(rt, W, E_l, bounds)
     # every row gathered once (while the counts travel), then split by chunk (views; the
     # backward concatenates)
@@ -208,12 +208,6 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)  # the call's one host sync
     send_splits, recv_splits = plan.send_splits, plan.recv_splits  # [C][W] each
     recv_counts = counts[:, rank * E_l:(rank + 1) * E_l]  # [W(src), E_l], on the device
-
-    def expert_ids(g: int, rows: int) -> torch.Tensor:
-        """The local expert (within chunk g) of each received row (source-major, expert-sorted)."""
-        E_g = bounds[g + 1] - bounds[g]
-        return torch.repeat_interleave(torch.arange(E_g, device=dev).repeat(W),
-                                       recv_counts[:, bounds[g]:bounds[g + 1]].reshape(-1), output_size=rows)
 
     xs_chunks = xs.split([sum(s) for s in send_splits])
 
@@ -225,7 +219,7 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     for g in range(C):
         nxt = start_dispatch(g + 1) if g + 1 < C else None
         recv = pending.wait()
-        perm, inv, ends = group_by_expert(expert_ids(g, sum(recv_splits[g])), bounds[g + 1] - bounds[g])
+        perm, inv, ends = group_received(recv_counts[:, bounds[g]:bounds[g + 1]], sum(recv_splits[g]))
         y_sorted = _experts(recv, w_gate_up_chunks[g], w_down_chunks[g], perm, inv, ends.to(torch.int32))
         combines.append(start_exchange(y_sorted[inv], recv_splits[g], send_splits[g], group, f"combine of chunk {g}"))
         pending = nxt

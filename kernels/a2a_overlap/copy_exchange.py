@@ -42,7 +42,7 @@ import torch
 from kernels.a2a_overlap import workspace as ws_mod
 from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.a2a_overlap.exchange import exchange
-from kernels.moe_gemm.routing import combine, group_by_expert
+from kernels.moe_gemm.routing import combine, group_received
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,10 +80,8 @@ class CopyExchange:
         Computed once per chunk, for the backward."""
         if g not in self._orders:
             p = self.plan
-            local = range(p.me * p.E_l + p.bounds[g], p.me * p.E_l + p.bounds[g + 1])  # this rank's chunk-g experts
-            counts = torch.tensor([p.counts[s][e] for s in range(p.W) for e in local])
-            ids = torch.repeat_interleave(torch.arange(len(local)).repeat(p.W), counts)
-            perm, inv, _ = group_by_expert(ids, len(local))
+            lo, hi = p.me * p.E_l + p.bounds[g], p.me * p.E_l + p.bounds[g + 1]  # this rank's chunk-g experts
+            perm, inv, _ = group_received(torch.tensor([c[lo:hi] for c in p.counts]))
             self._orders[g] = perm.to(self.device), inv.to(self.device)
         return self._orders[g]
 

@@ -70,6 +70,15 @@ def group_by_expert(ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tens
     return order, inverse, ends
 
 
+def group_received(counts: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`group_by_expert` of rows received from W sources, source-major (as an all-to-all
+    delivers them), each source's block sorted by expert: ``counts [W, E]`` (int, any device)
+    the rows source s sent expert e. ``rows`` (their total, if known) spares a host sync."""
+    W, E = counts.shape
+    ids = torch.repeat_interleave(torch.arange(E, device=counts.device).repeat(W), counts.reshape(-1), output_size=rows)
+    return group_by_expert(ids, E)
+
+
 def route(router_logits: torch.Tensor, top_k: int) -> Routing:
     """Softmax over the E logits (fp32), top-k by a stable descending sort, renormalised
     weights, and the expert-grouped permutation of the T*k copies. Differentiable in the
