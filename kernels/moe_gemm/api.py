@@ -17,11 +17,13 @@ the gather of the top-k probabilities and the renormalisation)::
     combine_bwd                 dy[copy_to_row[t,j]] = weights[t,j] * dout[t]; dweights[t,j] = dout[t] . y[row]
     grouped_gemm_dw             dw_down[e] = h_e^T dy_e
     gemm_swiglu_bwd             dgu = SwiGLU'(dy @ w_down[e]^T)                  (SwiGLU backward in the epilogue)
-    grouped_gemm_dw (gather)    dw_gate_up[e] = x[row_to_token]_e^T dgu_e
+    grouped_gemm_dw             dw_gate_up[e] = xs_e^T dgu_e, xs = x[row_to_token]   (a gather copy first:
+                                faster than gathering inside the dW loop, docs/perf-notes.md)
     grouped_gemm_dx + combine   dx[t] = sum_j (dgu @ w_gate_up[e]^T)[copy_to_row[t,j]]  (deterministic, no atomics)
 
 Saved for the backward beyond the inputs: h ``[M, F]`` and, when x or w_gate_up need a
-gradient, the pre-activations ``gu [M, 2F]`` (written by the first GEMM's epilogue).
+gradient, the pre-activations ``gu [M, 2F]`` (written by the first GEMM's epilogue). The
+backward of w_gate_up holds one transient ``[M, Hd]`` copy of the gathered tokens.
 
 Host syncs: none in ``moe_ffn`` (its offsets come from ``route``, valid by construction).
 ``grouped_gemm`` reads its caller's ``offsets`` on the host once to check them (E integers);
@@ -169,7 +171,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         if need_x or need_wgu:
             dgu = gemm_swiglu_bwd(dy, w_down, offsets, gu)
             if need_wgu:
-                dw_gate_up = grouped_gemm_dw(x, dgu, offsets, x_rows=row_to_token)
+                dw_gate_up = grouped_gemm_dw(x[row_to_token.long()], dgu, offsets)
             if need_x:
                 dx = combine(grouped_gemm_dx(dgu, w_gate_up, offsets), copy_to_row)
         return dx, dw_gate_up, dw_down, None, None, None

@@ -30,9 +30,11 @@ strides of w's last two dims swapped) for dX = dY @ W^T. No copy, no transposed 
   silu(gate)`` at column F + n of C ``[M, 2F]``.
 
 dW kernel (:func:`_grouped_gemm_dw_kernel`), ``C[e] = A[rows of e]^T @ B[rows of e]``
-(``[K, N]`` per expert; A optionally gathered through ``a_rows``): one program per
-(expert, K tile, N tile), looping over its expert's rows in chunks of BLOCK_M. An expert
-with no rows runs no iteration and stores zeros.
+(``[K, N]`` per expert): one program per (expert, K tile, N tile), looping over its
+expert's rows in chunks of BLOCK_M. An expert with no rows runs no iteration and stores
+zeros. A reads contiguous rows: gathering them in the kernel (row indices loaded in the
+loop) measured 1.2-1.8x slower than a gather copy followed by this kernel (H100, MiniMax
+shapes, docs/perf-notes.md), so moe_ffn's backward copies ``x[row_to_token]`` first.
 
 All loads are masked pointer arithmetic (no block pointers, no tensor descriptors); row and
 expert offsets are int64; accumulation is fp32; fp32 inputs use IEEE dots.
@@ -213,13 +215,13 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _grouped_gemm_dw_kernel(
-    a, b, c, offsets, a_rows,
+    a, b, c, offsets,
     N, K,
     stride_am, stride_ak,
     stride_bm, stride_bn,
     stride_ce, stride_ck, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
-    HAS_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # GROUP_K-swizzled order over this expert's (K tile, N tile) output tiles
     pid, i_e = tl.program_id(0), tl.program_id(1)
@@ -242,13 +244,10 @@ def _grouped_gemm_dw_kernel(
     for i_m in range(0, (row_end - row_start + BLOCK_M - 1) // BLOCK_M):
         o_m = row_start + i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
         m_m = o_m < row_end
-        if HAS_GATHER:
-            o_am = tl.load(a_rows + o_m, mask=m_m, other=0).to(tl.int64)
-        else:
-            o_am = o_m.to(tl.int64)
+        o_am = o_m.to(tl.int64)
         b_at = tl.load(a + o_am[None, :] * stride_am + o_k[:, None] * stride_ak,
                        mask=m_k[:, None] & m_m[None, :], other=0.0)  # [BK, BM]: A rows, transposed
-        b_b = tl.load(b + o_m.to(tl.int64)[:, None] * stride_bm + o_n[None, :] * stride_bn,
+        b_b = tl.load(b + o_am[:, None] * stride_bm + o_n[None, :] * stride_bn,
                       mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
         b_acc = tl.dot(b_at, b_b, b_acc, input_precision=DOT_PRECISION)
 
@@ -323,13 +322,9 @@ def grouped_gemm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     return dx
 
 
-def grouped_gemm_dw(
-    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, *, x_rows: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[*, K]`` (row p is ``x[x_rows[p]]`` when
-    ``x_rows`` is given, else ``x[p]``), dy ``[M, N]`` -> dw ``[E, K, N]`` in dy's dtype;
-    zeros for an expert without rows."""
+def grouped_gemm_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[M, K]``, dy ``[M, N]`` -> dw
+    ``[E, K, N]`` in dy's dtype; zeros for an expert without rows."""
     M, N = dy.shape
     K = x.shape[1]
     E = offsets.shape[0]
@@ -341,13 +336,13 @@ def grouped_gemm_dw(
     BN, BK = config["BLOCK_N"], config["BLOCK_K"]
     grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
     _grouped_gemm_dw_kernel[grid](
-        x, dy, dw, offsets, x_rows,
+        x, dy, dw, offsets,
         N, K,
         x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=BN, BLOCK_K=BK, GROUP_K=config["GROUP_K"],
-        HAS_GATHER=x_rows is not None, DOT_PRECISION=_dot_precision(dy.dtype),
+        DOT_PRECISION=_dot_precision(dy.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return dw
