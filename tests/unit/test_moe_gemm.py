@@ -23,6 +23,7 @@ from kernels.moe_gemm.grouped_gemm import (
     grouped_gemm_dw,
     grouped_gemm_dx,
     grouped_gemm_fwd,
+    tma_loadable,
     valid_config,
     valid_dw_config,
 )
@@ -139,6 +140,30 @@ def test_backward_kernels_with_several_configs(config, dw_config, device):
     assert_close("dx", dx, grouped_gemm_ref(dy, w.transpose(1, 2), offsets), TOLERANCE[torch.float32])
     dw = grouped_gemm_dw(x, dy, offsets, config=dw_config)
     assert_close("dw", dw, grouped_gemm_dw_ref(x, dy, offsets), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("K,N", [(64, 48), (40, 24), (20, 24)], ids=["tma", "tma-cols-past-the-edge", "pointer-only"])
+def test_dw_tma_and_pointer_steps(K, N, device):
+    """bf16 dW over experts with several full BLOCK_M steps and a partial last one, exactly
+    full steps, a single row, and none. Rows of 16-byte multiples load their full steps through
+    TMA descriptors (columns past K or N zero-filled); K=20 (40-byte rows) stays on pointers."""
+    counts = [0, 33, 16, 1, 48, 0, 5]
+    x, _, offsets = gemm_inputs(counts, K, 8, torch.bfloat16, device)
+    dy = torch.randn(sum(counts), N, device=device).to(torch.bfloat16)
+    assert tma_loadable(x) == (K != 20) and tma_loadable(dy)
+    dw = grouped_gemm_dw(x, dy, offsets, config=dw_cfg(16, 32, 32, G=2))
+    assert_close("dw", dw, grouped_gemm_dw_ref(x, dy, offsets), TOLERANCE[torch.bfloat16])
+    assert (dw[0] == 0).all() and (dw[5] == 0).all()
+
+
+def test_tma_loadable():
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    assert tma_loadable(x)
+    assert not tma_loadable(x.float())  # fp32: the IEEE checking path
+    assert not tma_loadable(x.T)  # column stride != 1
+    assert not tma_loadable(x[:, 1:])  # base not 16-byte aligned
+    assert tma_loadable(x[:, :20])  # the row stride counts (128 bytes), not the width
+    assert not tma_loadable(torch.randn(8, 20).to(torch.bfloat16))  # rows 40 bytes apart
 
 
 def test_grouped_gemm_zero_rows(device):
