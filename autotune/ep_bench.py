@@ -332,7 +332,7 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
         records.append(Record(
             kernel=schedule.KERNEL, provider=provider, mode="fwd", shape=shape, dtype=result["dtype"],
             config=r.get("config", {}), median_ms=float(np.median(t)), p20_ms=float(np.percentile(t, 20)),
-            p80_ms=float(np.percentile(t, 80)), floor_ms=None, bytes=None, flops=None, x_name="tokens per rank",
+            p80_ms=float(np.percentile(t, 80)), floor_ms=None, bytes=None, flops=None, x_name="T",
             x_value=r["T"], gpu={"name": identity.name, "slug": identity.slug, "driver": identity.driver} if identity else {},
             versions=versions(), telemetry=result.get("telemetry", {}).get("rank0", {}), extra=extra))
     for T, s in summary.items():

@@ -453,7 +453,7 @@ class GroupedGemmCase:
         return record_from_timing(
             timing, kernel=self.kernel, provider=self.provider, mode="fwd" if self.mode == "fwd" else "bwd",
             shape=dict(self.shape), dtype=str(self.dtype).removeprefix("torch."), config=config,
-            x_name="tokens", x_value=self.shape["T"], bytes=bytes_moved(self.tshape), flops=flops,
+            x_name="T", x_value=self.shape["T"], bytes=bytes_moved(self.tshape), flops=flops,
             telemetry=telemetry, extra=dict(self.extra),
         )
 
@@ -496,6 +496,6 @@ class MoeFfnCase:
         self.extra["tflop_s"] = tflop_s(self.flops(), timing.median_ms)
         return record_from_timing(
             timing, kernel="moe_ffn", provider=self.provider, mode="fwd", shape=dict(self.shape),
-            dtype=str(self.dtype).removeprefix("torch."), config={}, x_name="tokens", x_value=T,
+            dtype=str(self.dtype).removeprefix("torch."), config={}, x_name="T", x_value=T,
             bytes=nbytes, flops=self.flops(), telemetry=sampler.summary(), extra=dict(self.extra),
         )

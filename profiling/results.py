@@ -94,7 +94,7 @@ class Record:
     floor_ms: float | None = None
     bytes: int | None = None
     flops: int | None = None
-    x_name: str  # the swept dimension, e.g. "T" or "tokens"
+    x_name: str  # the swept shape field, e.g. "T" (tokens; per rank under EP): a line over x drops it from its label
     x_value: float | int
     gpu: dict = field(default_factory=dict)  # name, slug, driver; {} without a GPU
     versions: dict = field(default_factory=dict)

@@ -115,12 +115,18 @@ def test_heatmap_dropdown_switches_bucket(loaded):
     assert len(labels) > 1
     # the entry next to the shown one: with many buckets plotly's menu is a scroll box opened
     # at the active entry, and entries scrolled out of its window take no clicks
-    active = next(i for i, label in enumerate(labels) if all(part in before for part in label.split(" · ")[:2]))
+    # a label is "bucket · kernel · gpu"; the title "Autotune: <kernel> on <gpu>, bucket <bucket><br>..."
+    # (matched whole: grouped_gemm is a prefix of grouped_gemm_dw, and their buckets coincide)
+    def shows(title: str, label: str) -> bool:
+        bucket, kernel, gpu = label.split(" · ")
+        return title.startswith(f"Autotune: {kernel} on {gpu}, bucket {bucket}<br>")
+
+    active = next(i for i, label in enumerate(labels) if shows(before, label))
     target = labels[active + 1] if active + 1 < len(labels) else labels[active - 1]
     buttons.filter(has_text=target).first.click()
-    bucket, kernel, _ = target.split(" · ")  # the title names the kernel and the bucket
-    page.wait_for_function("([b, k]) => { const t = document.getElementById('heatmap').layout.title.text;"
-                           " return t.includes(b) && t.includes(k); }", arg=[bucket, kernel])
+    bucket, kernel, gpu = target.split(" · ")
+    page.wait_for_function("(p) => document.getElementById('heatmap').layout.title.text.startsWith(p)",
+                           arg=f"Autotune: {kernel} on {gpu}, bucket {bucket}<br>")
     shown = page.evaluate("() => document.getElementById('heatmap').data.filter(t => t.visible !== false).length")
     assert shown >= 1
     assert page.locator("#heatmap .hm image").count() == 1

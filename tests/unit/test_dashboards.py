@@ -194,6 +194,17 @@ def test_speedup_is_peer_over_ours_and_floor_fraction_is_median_over_floor():
     assert fig.layout.xaxis2.title.text == "T"
 
 
+def test_committed_measurements_sweep_a_field_of_their_shape():
+    """A line over x is one shape without its swept field (``series_key`` drops ``x_name``):
+    an x_name that is not a shape field (the MoE lines once said "tokens") splits every line
+    into single points, one legend entry each."""
+    results = d.load_results(Path(__file__).resolve().parents[2] / "results")
+    measured = results.measurements  # tuning lines are drawn by bucket, not as lines over x
+    assert measured
+    wrong = sorted({(r.kernel, r.x_name) for r in measured if r.x_name not in r.shape})
+    assert not wrong, wrong
+
+
 def write_config_file(root: Path, entries: list[dict]) -> Path:
     path = root / "test-gpu" / "lightning_attn_fwd.json"
     path.parent.mkdir(parents=True)
