@@ -34,10 +34,10 @@ dW kernel (:func:`_grouped_gemm_dw_kernel`), ``C[e] = A[rows of e]^T @ B[rows of
 expert's rows in chunks of BLOCK_M. An expert with no rows runs no iteration and stores
 zeros. When A and B allow it (:func:`tma_loadable`: 16-bit, rows 16-byte aligned) each
 expert's full steps load through TMA descriptors and only its last partial step through
-masked pointers: 1.04-1.16x faster than masked pointer loads throughout (H100, MiniMax
-shapes, docs/perf-notes.md). A reads contiguous rows: gathering them in the kernel (row indices loaded in the
-loop) measured 1.2-1.8x slower than a gather copy followed by this kernel (H100, MiniMax
-shapes, docs/perf-notes.md), so moe_ffn's backward copies ``x[row_to_token]`` first.
+masked pointers: 1.04-1.16x faster than masked pointer loads throughout. A's rows are
+contiguous: gathering them in the kernel (row indices loaded in the loop) measured
+1.2-1.8x slower than a gather copy followed by this kernel, so moe_ffn's backward copies
+``x[row_to_token]`` first. (H100, MiniMax shapes; docs/perf-notes.md, session 6.)
 
 Loads are masked pointer arithmetic (the dW kernel's TMA steps aside); row and expert
 offsets are int64; accumulation is fp32; fp32 inputs use IEEE dots.
