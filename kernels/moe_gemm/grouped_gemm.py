@@ -39,8 +39,10 @@ contiguous: gathering them in the kernel (row indices loaded in the loop) measur
 1.2-1.8x slower than a gather copy followed by this kernel, so moe_ffn's backward copies
 ``x[row_to_token]`` first. (H100, MiniMax shapes; docs/perf-notes.md, session 6.)
 
-Loads are masked pointer arithmetic (the dW kernel's TMA steps aside); row and expert
-offsets are int64; accumulation is fp32; fp32 inputs use IEEE dots.
+Loads: 16-bit operands whose rows are 16-byte aligned (:func:`tma_loadable`) load through
+TMA descriptors (forward / dX: A unless gathered, B when its tiles stay inside one expert's
+K rows; dW: each expert's full row steps); the rest is masked pointer arithmetic. Row and
+expert offsets are int64; accumulation is fp32; fp32 inputs use IEEE dots.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def valid_dw_config(config: dict) -> bool:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a, b, c, offsets, a_rows, aux,
+    a, b, c, offsets, a_rows, aux, a_desc, b_desc,
     N, K, NUM_PID_M,
     stride_am, stride_ak,
     stride_be, stride_bk, stride_bn,
@@ -131,7 +133,8 @@ def _grouped_gemm_kernel(
     NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PREACT: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr, B_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # GROUP_M-swizzled program order over (virtual M tile, N tile)
     pid = tl.program_id(0)
@@ -174,19 +177,39 @@ def _grouped_gemm_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]: gate under SwiGLU
     b_acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]: up under SwiGLU, else unused
 
+    # TMA loads (host-built descriptors; columns past the tensor arrive as zeros): A's tile
+    # may run into the next expert's rows, which only feed output rows the store masks off;
+    # B's descriptor is over the weights as [E * rows, cols], so a forward B tile must not
+    # run past its expert's K rows (the host asks EVEN_K), while a dX tile (B_T: w[e]^T,
+    # loaded [BN, BK] and transposed) that runs past them only feeds masked output columns.
+    a_row = row_start + (i_m - tile_start) * BLOCK_M
+    b_row = i_e * N + i_n * BLOCK_N if B_T else i_e * K
+
     # main loop over K
     for i_k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
+        if not EVEN_K:
+            m_k = i_k * BLOCK_K + o_k < K
+        if TMA_A:
+            b_a = a_desc.load([a_row, i_k * BLOCK_K])
+        elif EVEN_K:
             b_a = tl.load(p_a, mask=m_m[:, None], other=0.0)
+        else:
+            b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if TMA_B:
+            if B_T:
+                b_b = tl.trans(b_desc.load([b_row, i_k * BLOCK_K]))
+            else:
+                b_b = b_desc.load([b_row + i_k * BLOCK_K, i_n * BLOCK_N])
+        elif EVEN_K:
             b_b = tl.load(p_b, mask=m_n[None, :], other=0.0)
         else:
-            m_k = i_k * BLOCK_K + o_k < K
-            b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
             b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
         if EPILOGUE == "swiglu":
             # the up columns sit F = N columns to the right of the gate columns
-            if EVEN_K:
+            if TMA_B:
+                b_b2 = b_desc.load([b_row + i_k * BLOCK_K, N + i_n * BLOCK_N])
+            elif EVEN_K:
                 b_b2 = tl.load(p_b + N * stride_bn, mask=m_n[None, :], other=0.0)
             else:
                 b_b2 = tl.load(p_b + N * stride_bn, mask=m_k[:, None] & m_n[None, :], other=0.0)
@@ -296,9 +319,11 @@ def _resolve(kernel: str, key: dict, fallback: dict, config: dict | None, valid)
 def _launch(
     a: torch.Tensor, b_strides: tuple[int, int, int], b: torch.Tensor, c: torch.Tensor, offsets: torch.Tensor,
     N: int, K: int, config: dict, *, a_rows: torch.Tensor | None = None, epilogue: str = "none",
-    aux: torch.Tensor | None = None, store_preact: bool = False,
+    aux: torch.Tensor | None = None, store_preact: bool = False, b_transposed: bool = False,
 ) -> None:
-    """One launch of :func:`_grouped_gemm_kernel` writing all M = c.shape[0] rows of c."""
+    """One launch of :func:`_grouped_gemm_kernel` writing all M = c.shape[0] rows of c.
+    ``b`` is the weight ``[E, R, C]``; ``b_transposed`` says the product reads ``w[e]^T``
+    (dX), whose strides ``b_strides`` then are w's with the last two swapped."""
     M, E = c.shape[0], offsets.shape[0]
     if M == 0 or N == 0:
         return
@@ -306,8 +331,13 @@ def _launch(
     num_pid_m = min(triton.cdiv(M, BM) + E - 1, M)
     grid = (num_pid_m * triton.cdiv(N, BN),)
     x_strides = (aux.stride(0), aux.stride(1)) if aux is not None else (0, 0)
+    tma_a = a_rows is None and tma_loadable(a)
+    b_rows = _weight_rows(b)
+    tma_b = b_rows is not None and tma_loadable(b_rows) and (b_transposed or K % BK == 0)
+    a_desc = TensorDescriptor.from_tensor(a, [BM, BK]) if tma_a else None
+    b_desc = TensorDescriptor.from_tensor(b_rows, [BN, BK] if b_transposed else [BK, BN]) if tma_b else None
     _grouped_gemm_kernel[grid](
-        a, b, c, offsets, a_rows, aux,
+        a, b, c, offsets, a_rows, aux, a_desc, b_desc,
         N, K, num_pid_m,
         a.stride(0), a.stride(1),
         *b_strides,
@@ -316,9 +346,18 @@ def _launch(
         NUM_EXPERTS=E, E_POW2=triton.next_power_of_2(E),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=config["GROUP_M"],
         HAS_GATHER=a_rows is not None, EPILOGUE=epilogue, STORE_PREACT=store_preact,
-        EVEN_K=K % BK == 0, DOT_PRECISION=_dot_precision(a.dtype),
+        EVEN_K=K % BK == 0, TMA_A=tma_a, TMA_B=tma_b, B_T=b_transposed, DOT_PRECISION=_dot_precision(a.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+
+
+def _weight_rows(w: torch.Tensor) -> torch.Tensor | None:
+    """The weights ``[E, R, C]`` as one ``[E * R, C]`` matrix (a view), or None when the
+    experts' rows are not evenly spaced (then no descriptor spans them)."""
+    E, R, C = w.shape
+    if w.stride(2) != 1 or w.stride(0) != R * w.stride(1):
+        return None
+    return w.as_strided((E * R, C), (w.stride(1), 1))
 
 
 def grouped_gemm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
@@ -342,7 +381,7 @@ def grouped_gemm_dx(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     key = bucket_key(E, K, N, M, dy.dtype)  # the product is [M, N] @ [N, K]
     config = _resolve(KERNEL_DX, key, default_config(E, M), config, valid_config)
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
-    _launch(dy, (w.stride(0), w.stride(2), w.stride(1)), w, dx, offsets, K, N, config)
+    _launch(dy, (w.stride(0), w.stride(2), w.stride(1)), w, dx, offsets, K, N, config, b_transposed=True)
     return dx
 
 
@@ -417,5 +456,5 @@ def gemm_swiglu_bwd(
     dgu = torch.empty(M, 2 * F, dtype=dy.dtype, device=dy.device)
     w = w_down
     _launch(dy, (w.stride(0), w.stride(2), w.stride(1)), w, dgu, offsets, F, Hd, config,
-            epilogue="swiglu_bwd", aux=gu)
+            epilogue="swiglu_bwd", aux=gu, b_transposed=True)
     return dgu

@@ -156,6 +156,25 @@ def test_dw_tma_and_pointer_steps(K, N, device):
     assert (dw[0] == 0).all() and (dw[5] == 0).all()
 
 
+@pytest.mark.parametrize("K,N", [(64, 48), (40, 24), (20, 24)], ids=["tma", "tma-a-and-dx-only", "pointer-only"])
+def test_fwd_dx_tma_and_pointer_loads(K, N, device):
+    """bf16 forward, dX and the SwiGLU pair with 16-byte aligned rows load through TMA
+    descriptors: A tiles that run into the next expert's rows (their outputs are masked), the
+    forward's B only when K is a multiple of BLOCK_K (K=40 with BLOCK_K 32 is not), dX's
+    transposed B tiles past the expert's rows; K=20 stays on pointers."""
+    counts = [0, 33, 16, 1, 48, 0, 5]
+    x, w, offsets = gemm_inputs(counts, K, N, torch.bfloat16, device)
+    tol = TOLERANCE[torch.bfloat16]
+    config = cfg(16, 32, 32, G=2)
+    assert_close("y", grouped_gemm_fwd(x, w, offsets, config=config), grouped_gemm_ref(x, w, offsets), tol)
+    dy = torch.randn(sum(counts), N, device=device).to(torch.bfloat16)
+    assert_close("dx", grouped_gemm_dx(dy, w, offsets, config=config), grouped_gemm_ref(dy, w.transpose(1, 2), offsets), tol)
+    rows = torch.randint(0, 7, (sum(counts),), device=device, dtype=torch.int32)
+    x_src = torch.randn(7, K, device=device).to(torch.bfloat16)
+    h, gu = gather_gemm_swiglu(x_src, w, offsets, rows, store_preact=True, config=config)
+    assert_close("gu", gu, grouped_gemm_ref(x_src[rows.long()], w, offsets), tol)
+
+
 def test_tma_loadable():
     x = torch.randn(8, 64).to(torch.bfloat16)
     assert tma_loadable(x)
