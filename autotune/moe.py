@@ -1,9 +1,13 @@
 """The grouped MoE GEMM as three tunables, and as a benchmark operator.
 
-Tunables (each its own config file; ``kwb tune grouped_gemm|grouped_gemm_dx|grouped_gemm_dw``):
+Tunables (each its own config file;
+``kwb tune grouped_gemm|grouped_gemm_swiglu|grouped_gemm_dx|grouped_gemm_dw``):
 
-- ``grouped_gemm``: the forward ``y = x @ w[e]`` per group (moe_ffn's SwiGLU up projection
-  looks up the same file at N = 2F and halves BLOCK_N for its two accumulators).
+- ``grouped_gemm``: the forward ``y = x @ w[e]`` per group.
+- ``grouped_gemm_swiglu``: moe_ffn's up projection, ``silu(g) * u`` with ``[g, u] =
+  x[row_to_token] @ w_gate_up[e]`` in one launch (rows gathered in the kernel; the config
+  tiles the [M, 2F] product and the launch halves BLOCK_N for its two accumulators). Its
+  shapes are the up projection's (N = 2F); timed without storing g and u (inference).
 - ``grouped_gemm_dx``: ``dx = dy @ w[e]^T`` (same kernel, transposed weight strides; moe_ffn's
   fused SwiGLU backward looks up this file too).
 - ``grouped_gemm_dw``: ``dw[e] = x_e^T dy_e``, the per-expert reduction over rows.
@@ -11,7 +15,7 @@ Tunables (each its own config file; ``kwb tune grouped_gemm|grouped_gemm_dx|grou
 A shape is ``{"E", "K", "N", "T", "top_k", "routing", "dtype"}``: the FORWARD weight
 ``[E, K, N]``, T tokens routed to top_k experts each (M = T * top_k rows), routing
 ``random`` (softmax of standard normal logits) or ``zipf`` (see :func:`routing_logits`).
-All three tunables take the same shapes; each bucket is the key its kernel looks up
+All four tunables take the same shapes; each bucket is the key its kernel looks up
 (``grouped_gemm.bucket_key`` of the product it computes, so dX swaps K and N).
 
 Space: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M (GROUP_K for dW), num_warps, num_stages.
@@ -41,14 +45,17 @@ from kernels.moe_gemm.grouped_gemm import (
     KERNEL,
     KERNEL_DW,
     KERNEL_DX,
+    KERNEL_SWIGLU,
     bucket_key,
     default_config,
     default_dw_config,
+    gather_gemm_swiglu,
     grouped_gemm_dw,
     grouped_gemm_dx,
     grouped_gemm_fwd,
     valid_config,
     valid_dw_config,
+    valid_swiglu_config,
 )
 from kernels.moe_gemm import moe_ffn, route
 from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
@@ -146,6 +153,14 @@ def make_inputs_fwd(shape: Shape, device: str) -> dict:
     return {"x": _rows(shape, shape["K"], device), "w": _weights(shape, device), "offsets": routed_offsets(shape, device)}
 
 
+def make_inputs_swiglu(shape: Shape, device: str) -> dict:
+    """x ``[T, K]`` tokens, w_gate_up ``[E, K, N]``, the routing's offsets and ``x_rows``
+    (int32 ``[M]``: the token each expert-ordered row gathers)."""
+    routing = route(routing_logits(shape["T"], shape["E"], shape["routing"], device), shape["top_k"])
+    x = torch.randn(shape["T"], shape["K"], device=device).to(DTYPES[shape["dtype"]])
+    return {"x": x, "w": _weights(shape, device), "offsets": routing.offsets, "x_rows": routing.row_to_token}
+
+
 def make_inputs_dx(shape: Shape, device: str) -> dict:
     """dy ``[M, N]``, w ``[E, K, N]``, routed offsets."""
     return {"dy": _rows(shape, shape["N"], device), "w": _weights(shape, device), "offsets": routed_offsets(shape, device)}
@@ -163,6 +178,11 @@ def run_fwd(inputs: dict, config: Config) -> torch.Tensor:
     return grouped_gemm_fwd(inputs["x"], inputs["w"], inputs["offsets"], config=config)
 
 
+def run_swiglu(inputs: dict, config: Config) -> torch.Tensor:
+    return gather_gemm_swiglu(inputs["x"], inputs["w"], inputs["offsets"], inputs["x_rows"],
+                              store_preact=False, config=config)[0]
+
+
 def run_dx(inputs: dict, config: Config) -> torch.Tensor:
     return grouped_gemm_dx(inputs["dy"], inputs["w"], inputs["offsets"], config=config)
 
@@ -178,6 +198,12 @@ def _ref_dtype(x: torch.Tensor) -> torch.dtype:
 
 def reference_fwd(inputs: dict) -> torch.Tensor:
     return grouped_gemm_ref(inputs["x"], inputs["w"], inputs["offsets"], dtype=_ref_dtype(inputs["x"]))
+
+
+def reference_swiglu(inputs: dict) -> torch.Tensor:
+    x = inputs["x"]
+    gate, up = grouped_gemm_ref(x[inputs["x_rows"].long()], inputs["w"], inputs["offsets"], dtype=_ref_dtype(x)).chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def reference_dx(inputs: dict) -> torch.Tensor:
@@ -199,6 +225,13 @@ def bytes_moved(shape: Shape) -> int:
     the third once, plus the E int32 offsets."""
     E, K, N, M = shape["E"], shape["K"], shape["N"], rows(shape)
     return DTYPES[shape["dtype"]].itemsize * (M * K + M * N + E * K * N) + 4 * E
+
+
+def bytes_moved_swiglu(shape: Shape) -> int:
+    """The SwiGLU GEMM reads M gathered rows [M, K] and the weights [E, K, N] once, writes
+    h [M, N/2], and reads the M int32 row indices and E offsets."""
+    E, K, N, M = shape["E"], shape["K"], shape["N"], rows(shape)
+    return DTYPES[shape["dtype"]].itemsize * (M * K + M * N // 2 + E * K * N) + 4 * (M + E)
 
 
 # --------------------------------------------------------------------------- buckets and pruning
@@ -254,6 +287,11 @@ def is_valid_fwd(config: Config, shape: Shape) -> bool:
     return _is_valid_gemm(config, rows(shape), shape["N"], shape["K"], _dtype(shape).itemsize)
 
 
+def is_valid_swiglu(config: Config, shape: Shape) -> bool:
+    """The forward's rules on the [M, 2F] product, and BLOCK_N >= 32 (it is halved)."""
+    return valid_swiglu_config(config) and is_valid_fwd(config, shape)
+
+
 def is_valid_dx(config: Config, shape: Shape) -> bool:
     return _is_valid_gemm(config, rows(shape), shape["K"], shape["N"], _dtype(shape).itemsize)
 
@@ -285,16 +323,25 @@ def parse_shape(text: str) -> Shape:
     return shape
 
 
-def _tunable(name: str, space: dict, is_valid, bucket, make_inputs, run, reference, default_config) -> Tunable:
+def _tunable(name: str, space: dict, is_valid, bucket, make_inputs, run, reference, default_config, *,
+             moved=bytes_moved, shape_sets: dict = SHAPE_SETS) -> Tunable:
     return Tunable(
         name=name, space=space, is_valid=is_valid, bucket=bucket, make_inputs=make_inputs, run=run,
-        reference=reference, tolerance=tolerance, bytes_moved=bytes_moved, default_config=default_config,
-        shape_sets=SHAPE_SETS, parse_shape=parse_shape, near=("M",),
+        reference=reference, tolerance=tolerance, bytes_moved=moved, default_config=default_config,
+        shape_sets=shape_sets, parse_shape=parse_shape, near=("M",),
     )
 
 
 TUNABLE_FWD = register(_tunable(KERNEL, SPACE, is_valid_fwd, bucket_fwd, make_inputs_fwd, run_fwd,
                                 reference_fwd, default_config_fwd))
+# the up projection's shapes only: the SwiGLU GEMM's N is 2F (the small set: 2F = 80 and 96)
+SWIGLU_SHAPE_SETS = {
+    name: [s for s in shapes if name == "small" or s["N"] == MINIMAX_PROJECTIONS["up"]["N"]]
+    for name, shapes in SHAPE_SETS.items()
+}
+TUNABLE_SWIGLU = register(_tunable(KERNEL_SWIGLU, SPACE, is_valid_swiglu, bucket_fwd, make_inputs_swiglu, run_swiglu,
+                                   reference_swiglu, default_config_fwd, moved=bytes_moved_swiglu,
+                                   shape_sets=SWIGLU_SHAPE_SETS))
 TUNABLE_DX = register(_tunable(KERNEL_DX, SPACE, is_valid_dx, bucket_dx, make_inputs_dx, run_dx,
                                reference_dx, default_config_fwd))
 TUNABLE_DW = register(_tunable(KERNEL_DW, DW_SPACE, is_valid_dw, bucket_dw, make_inputs_dw, run_dw,

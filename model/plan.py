@@ -13,8 +13,8 @@ Launches per layer (M = tokens * top_k rows of the MoE GEMMs; F the expert hidde
 - lightning layer: ``lightning_attn_fwd`` (prefill), ``lightning_attn_bwd`` (backward: its
   three passes share one config, BV clipped to each pass's width), ``lightning_decode``.
 - softmax layer: torch SDPA (no tuned config).
-- every layer's MoE: ``grouped_gemm`` for ``x @ w_gate_up`` (SwiGLU epilogue: the launch
-  halves the config's BLOCK_N) and for ``h @ w_down``; backward: ``grouped_gemm_dw`` for each
+- every layer's MoE: ``grouped_gemm_swiglu`` for ``x @ w_gate_up`` (gathered rows, SwiGLU
+  epilogue: the launch halves the config's BLOCK_N), ``grouped_gemm`` for ``h @ w_down``; backward: ``grouped_gemm_dw`` for each
   weight gradient, ``grouped_gemm_dx`` for the SwiGLU backward and for dX. The routing
   combine kernels use a fixed config (``routing.COMBINE_CONFIG``) and are not listed.
 - with expert parallelism over W ranks (``ep_size``): first the ``moe_ffn_ep`` schedule
@@ -41,11 +41,13 @@ from kernels.moe_gemm.grouped_gemm import (
     KERNEL,
     KERNEL_DW,
     KERNEL_DX,
+    KERNEL_SWIGLU,
     bucket_key,
     default_config,
     default_dw_config,
     valid_config,
     valid_dw_config,
+    valid_swiglu_config,
 )
 from model.config import LIGHTNING, ModelConfig, get_config
 
@@ -106,9 +108,9 @@ def _moe_launches(config: ModelConfig, phase: str, tokens: int, dtype: torch.dty
     Hd, F = config.hidden_size, config.expert_hidden_size
     M = max(tokens * config.top_k // chunks, 1)
     gemm, dw = default_config(E, M), default_dw_config(E, M)
-    swiglu = functools.partial(valid_config, swiglu=True)
     forward = [
-        _Launch(phase, "moe x @ w_gate_up + SwiGLU", KERNEL, bucket_key(E, 2 * F, Hd, M, dtype), gemm, swiglu, ("M",)),
+        _Launch(phase, "moe x @ w_gate_up + SwiGLU", KERNEL_SWIGLU, bucket_key(E, 2 * F, Hd, M, dtype), gemm,
+                valid_swiglu_config, ("M",)),
         _Launch(phase, "moe h @ w_down", KERNEL, bucket_key(E, Hd, F, M, dtype), gemm, valid_config, ("M",)),
     ]
     if phase != "backward":

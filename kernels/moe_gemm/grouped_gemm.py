@@ -56,6 +56,11 @@ from kernels import _config
 KERNEL = "grouped_gemm"
 KERNEL_DX = "grouped_gemm_dx"
 KERNEL_DW = "grouped_gemm_dw"
+# moe_ffn's gathered up projection + SwiGLU has its own configs: its A rows are gathered
+# (pointer loads), so it prefers other tiles than the contiguous forward, whose A loads
+# through TMA (H100, 16K tokens: 128 x 256 x 32 at 4 stages 13.0-13.5 ms vs 14.1 ms for
+# the forward's 128 x 256 x 64 at 3; results/raw/swiglu_probe_h100.json).
+KERNEL_SWIGLU = "grouped_gemm_swiglu"
 
 # Defaults used when no tuned file applies. NOT measured (no GPU time when written): the
 # first config of the Triton matmul tutorial's CUDA autotune list (128 x 256 x 64, GROUP_M 8,
@@ -108,6 +113,11 @@ def valid_config(config: dict, *, swiglu: bool = False) -> bool:
         )
     except (KeyError, TypeError):
         return False
+
+
+def valid_swiglu_config(config: dict) -> bool:
+    """Whether a ``grouped_gemm_swiglu`` config may launch (:func:`valid_config` with swiglu)."""
+    return valid_config(config, swiglu=True)
 
 
 def valid_dw_config(config: dict) -> bool:
@@ -427,14 +437,14 @@ def gather_gemm_swiglu(
     """moe_ffn's first GEMM: ``h[p] = silu(g) * u`` with ``[g, u] = x[x_rows[p]] @ w_gate_up[e]``
     for the rows p of expert e. x ``[T, Hd]``, w_gate_up ``[E, Hd, 2F]``, x_rows int32 ``[M]``.
     Returns h ``[M, F]`` and, if ``store_preact``, ``gu = [g, u]`` ``[M, 2F]`` (x's dtype).
-    ``config`` is a ``grouped_gemm`` config for N = 2F; its BLOCK_N is halved here."""
+    ``config`` (looked up in ``grouped_gemm_swiglu`` at N = 2F) tiles the [M, 2F] product;
+    its BLOCK_N is halved here."""
     M = x_rows.shape[0]
     K = x.shape[1]
     E, _, N2 = w_gate_up.shape
     F = N2 // 2
     key = bucket_key(E, N2, K, M, x.dtype)
-    valid = lambda cfg: valid_config(cfg, swiglu=True)  # noqa: E731
-    config = _swiglu_config(_resolve(KERNEL, key, default_config(E, M), config, valid))
+    config = _swiglu_config(_resolve(KERNEL_SWIGLU, key, default_config(E, M), config, valid_swiglu_config))
     h = torch.empty(M, F, dtype=x.dtype, device=x.device)
     gu = torch.empty(M, N2, dtype=x.dtype, device=x.device) if store_preact else None
     w = w_gate_up

@@ -220,7 +220,7 @@ def test_kernel_plan_lists_every_layer_and_kernel():
     for r in rows:
         by_layer.setdefault(r.layer, []).append(r)
     assert sorted(by_layer) == list(range(80))
-    moe = {"grouped_gemm", "grouped_gemm_dx", "grouped_gemm_dw"}
+    moe = {"grouped_gemm_swiglu", "grouped_gemm", "grouped_gemm_dx", "grouped_gemm_dw"}
     for layer, layer_rows in by_layer.items():
         kind = SOFTMAX if layer % 8 == 7 else LIGHTNING
         assert {r.kind for r in layer_rows} == {kind}

@@ -524,7 +524,7 @@ def test_tunables_check_against_their_references():
     check, and its bucket is the key its kernel looks up."""
     from autotune import moe
 
-    for t in (moe.TUNABLE_FWD, moe.TUNABLE_DX, moe.TUNABLE_DW):
+    for t in (moe.TUNABLE_FWD, moe.TUNABLE_SWIGLU, moe.TUNABLE_DX, moe.TUNABLE_DW):
         assert t.near == ("M",)
         shape = t.shapes("small")[1]
         candidates = t.candidates(shape)
@@ -544,6 +544,10 @@ def test_tunables_check_against_their_references():
     minimax = moe.TUNABLE_FWD.shapes("minimax")
     assert {(s["K"], s["N"]) for s in minimax} == {(6144, 18432), (9216, 6144)}
     assert [s["T"] for s in minimax[:6]] == [1024, 2048, 4096, 8192, 16384, 32768]
+    # the SwiGLU GEMM is the up projection: its shapes have N = 2F, its bucket is the [M, 2F] product's
+    assert {s["N"] for name in ("minimax", "minimax-ep") for s in moe.TUNABLE_SWIGLU.shapes(name)} == {18432}
+    assert moe.TUNABLE_SWIGLU.bucket(shape) == moe.bucket_fwd(shape)
+    assert not moe.TUNABLE_SWIGLU.is_valid({**moe.default_config_fwd(shape), "BLOCK_N": 16}, shape)  # halved to 8
 
 
 def test_zipf_routing_is_skewed():
