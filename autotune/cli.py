@@ -48,6 +48,7 @@ app = typer.Typer(
 MAX_INTERPRET_BYTES = 1 << 20  # the interpreter takes seconds per launch even at ~100 KB
 GPU_REP_MS = 100.0
 INTERPRET_REP_MS = 1.0  # one timed launch: interpreter timings mean nothing anyway
+GPU_CONFIRM_ROUNDS = 3  # the finalists' re-timing rounds (autotune.runner.Tuner)
 MEANINGLESS = "TIMINGS ARE MEANINGLESS: Triton interpreter on the CPU; this run only exercises the tuning pipeline"
 
 
@@ -179,6 +180,10 @@ def tune(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random choices of the cheaper strategies.")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds a candidate may take before its worker is killed.")] = 300.0,
+    confirm_rounds: Annotated[
+        Optional[int], typer.Option(min=0, help=f"Time the search's fastest --confirm-top configs and the default again in this many interleaved rounds and keep the one with the fastest median round (default: {GPU_CONFIRM_ROUNDS} on a GPU, 0 with --interpret).")
+    ] = None,
+    confirm_top: Annotated[int, typer.Option(min=1, help="How many of the search's fastest configs the confirmation rounds re-time.")] = 3,
     results: Annotated[
         Optional[Path], typer.Option(help="Also append every timed candidate and each bucket's winner to DIR/<kernel>-tune.jsonl (for the dashboards).")
     ] = None,
@@ -223,6 +228,8 @@ def tune(
             rep_ms=rep_ms if rep_ms is not None else (INTERPRET_REP_MS if interpret else GPU_REP_MS),
             timeout_s=timeout,
             seed=seed,
+            confirm_rounds=confirm_rounds if confirm_rounds is not None else (0 if interpret else GPU_CONFIRM_ROUNDS),
+            confirm_top=confirm_top,
         )
         done: list[BucketResult] = []
 

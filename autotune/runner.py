@@ -5,7 +5,12 @@ one measured) with the valid candidates and the default config. :class:`Tuner` r
 strategy on each job through a backend (:mod:`autotune.worker`), samples NVML telemetry
 around each bucket, and measures the default config with the full budget so every bucket
 reports its speed-up over what the kernel launches untuned (the default then competes with
-the strategy's final candidates). Buckets are tuned in the order given; each one seeds the
+the strategy's final candidates). With ``confirm_rounds``, the strategy's fastest few and the
+default are then timed again in that many interleaved rounds, and each is judged by its
+median round: on an H100 at its power cap one measurement can be off by 5%, enough to crown
+the wrong one of two close configs (session 7: for moe_ffn's up projection at 16K tokens the
+tuner timed its winner at 13.42 ms and the runner-up at 13.92; a later 5-round probe had them
+at 13.39 and 12.68 ms). Buckets are tuned in the order given; each one seeds the
 next with its winner, and the winners already in the kernel's config file (``known``) seed
 every bucket (strategies that search locally start there).
 """
@@ -195,13 +200,19 @@ class Tuner:
         rep_ms: float = 100.0,
         timeout_s: float = 300.0,
         seed: int = 0,
+        confirm_rounds: int = 0,
+        confirm_top: int = 3,
     ) -> None:
+        if confirm_rounds < 0 or confirm_top < 1:
+            raise ValueError(f"confirm_rounds must be >= 0 and confirm_top >= 1, got {confirm_rounds}, {confirm_top}")
         self.tunable = tunable
         self.device = device
         self.isolate = isolate
         self.rep_ms = rep_ms
         self.timeout_s = timeout_s
         self.seed = seed
+        self.confirm_rounds = confirm_rounds
+        self.confirm_top = confirm_top
 
     @property
     def timing_meaningful(self) -> bool:
@@ -264,7 +275,8 @@ class Tuner:
                 reporter.measured(result, next(iter(ranked(results)), None))
             return out
 
-        reporter.bucket_started(job, strategy.planned(len(job.candidates)))
+        confirming = self.confirm_rounds * (self.confirm_top + 1)
+        reporter.bucket_started(job, strategy.planned(len(job.candidates)) + confirming)
         start = time.perf_counter()
         with TelemetrySampler() as sampler:
             final = strategy.search(job.candidates, measure, rep_ms=self.rep_ms, seeds=seeds, rng=rng)
@@ -273,6 +285,8 @@ class Tuner:
             if default is None:  # measured with the full budget too, so it competes
                 default = measure([job.default], self.rep_ms)[0]
                 final = final + [default]
+            if self.confirm_rounds:
+                final, default = self._confirm(final, default, measure)
         top = ranked(final)
         bucket = BucketResult(
             job=job,
@@ -285,3 +299,25 @@ class Tuner:
         )
         reporter.bucket_finished(bucket)
         return bucket
+
+    def _confirm(self, final: list[Result], default: Result, measure) -> tuple[list[Result], Result]:
+        """Time the ``confirm_top`` fastest of ``final`` and the default again, in
+        ``confirm_rounds`` interleaved rounds at the full budget. Each is represented by its
+        median round (that round's own median and spread); one that is not ok in every round
+        drops out. Returns the new finalists and the default's result."""
+        finalists: dict[tuple, Config] = {}
+        for r in ranked(final)[: self.confirm_top] + ([default] if default.ok else []):
+            finalists.setdefault(config_key(r.config), r.config)
+        if len(finalists) < 2:  # nothing to choose between
+            return final, default
+        rounds: dict[tuple, list[Result]] = {key: [] for key in finalists}
+        for _ in range(self.confirm_rounds):
+            for key, config in finalists.items():
+                rounds[key] += measure([config], self.rep_ms)
+        confirmed = {
+            key: sorted(results, key=lambda r: r.median_ms)[len(results) // 2]
+            for key, results in rounds.items() if all(r.ok for r in results)
+        }
+        if not confirmed:
+            return final, default
+        return list(confirmed.values()), confirmed.get(config_key(default.config), default)

@@ -355,6 +355,33 @@ def test_known_winners_seed_every_bucket(config_dir):
     assert [config_key(c) for c in seen[1]] == list(dict.fromkeys(config_key(c) for c in [first, good, other, default]))
 
 
+def test_confirmation_rounds_retime_the_finalists():
+    """A search whose single timings misranked (it reports a slow config and one that fails
+    as the fastest): the confirmation rounds re-time its three fastest and the default, drop
+    the one that fails, and keep the truly fastest; without rounds the misranking stands."""
+    slow = {"BLOCK": 16, "SPLIT": 1}  # sleeps 3 ms per call; BEST sleeps 0, the default 6
+
+    def misranked(candidates, measure, *, rep_ms, seeds, rng):
+        return [Result(slow, "ok", rep_ms, median_ms=0.1, iters=1), Result(RAISES, "ok", rep_ms, median_ms=0.2, iters=1),
+                Result(BEST, "ok", rep_ms, median_ms=1.0, iters=1)]
+
+    strategy = strategies.Strategy("misranked", misranked, lambda n: 3, "misranked")
+    jobs = plan(FAKE, [{"N": 64}])
+    (bucket,) = Tuner(FAKE, device="cpu", isolate=False, rep_ms=5, confirm_rounds=3).tune(jobs, strategy).buckets
+    assert bucket.best.config == BEST and bucket.runner_up.config == slow
+    counts = {key: sum(config_key(r.config) == key for r in bucket.results) for key in map(config_key, (BEST, slow, RAISES))}
+    assert counts == {config_key(BEST): 3, config_key(slow): 3, config_key(RAISES): 3}
+    default_rounds = [r for r in bucket.results if r.config == fake_default({})]
+    assert len(default_rounds) == 4  # its full-budget measurement, then one per round
+    assert bucket.default.median_ms == sorted(r.median_ms for r in default_rounds[1:])[1]  # the median round
+    assert bucket.default.median_ms > bucket.runner_up.median_ms > bucket.best.median_ms
+
+    (unconfirmed,) = Tuner(FAKE, device="cpu", isolate=False, rep_ms=5).tune(jobs, strategy).buckets
+    assert unconfirmed.best.config == slow
+    with pytest.raises(ValueError, match="confirm_rounds"):
+        Tuner(FAKE, device="cpu", isolate=False, confirm_rounds=-1)
+
+
 def entry(T: int, config: dict, date: str = "2026-01-01T00:00:00+00:00") -> dict:
     return {"key": {"D": 128, "E": 128, "dtype": "bfloat16", "T": T}, "config": config, "median_ms": 1.0, "date": date}
 
