@@ -1,4 +1,4 @@
-"""The grouped MoE GEMM as three tunables, and as a benchmark operator.
+"""The grouped MoE GEMM as four tunables, and as a benchmark operator.
 
 Tunables (each its own config file;
 ``kwb tune grouped_gemm|grouped_gemm_swiglu|grouped_gemm_dx|grouped_gemm_dw``):
@@ -58,6 +58,7 @@ from kernels.moe_gemm.grouped_gemm import (
     valid_swiglu_config,
 )
 from kernels.moe_gemm import moe_ffn, route
+from kernels.moe_gemm.routing import Routing
 from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
 from reference.moe import grouped_gemm_dw_ref, grouped_gemm_ref
 
@@ -128,10 +129,14 @@ def routing_logits(T: int, E: int, routing: str, device: str, generator: torch.G
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
+def routed(shape: Shape, device: str) -> Routing:
+    """T tokens routed top_k by ``shape['routing']``."""
+    return route(routing_logits(shape["T"], shape["E"], shape["routing"], device), shape["top_k"])
+
+
 def routed_offsets(shape: Shape, device: str) -> torch.Tensor:
     """int32 ``[E]`` group ends of T tokens routed top_k by ``shape['routing']``."""
-    logits = routing_logits(shape["T"], shape["E"], shape["routing"], device)
-    return route(logits, shape["top_k"]).offsets
+    return routed(shape, device).offsets
 
 
 def rows(shape: Shape) -> int:
@@ -156,7 +161,7 @@ def make_inputs_fwd(shape: Shape, device: str) -> dict:
 def make_inputs_swiglu(shape: Shape, device: str) -> dict:
     """x ``[T, K]`` tokens, w_gate_up ``[E, K, N]``, the routing's offsets and ``x_rows``
     (int32 ``[M]``: the token each expert-ordered row gathers)."""
-    routing = route(routing_logits(shape["T"], shape["E"], shape["routing"], device), shape["top_k"])
+    routing = routed(shape, device)
     x = torch.randn(shape["T"], shape["K"], device=device).to(DTYPES[shape["dtype"]])
     return {"x": x, "w": _weights(shape, device), "offsets": routing.offsets, "x_rows": routing.row_to_token}
 
