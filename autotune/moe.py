@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from autotune.benchmarks import checked_timing
+from autotune.benchmarks import checked_timing, heated_timing
 from autotune.tunable import Config, Shape, Tunable, parse_shape_text, register
 from autotune.worker import rel_error
 from kernels.moe_gemm.grouped_gemm import (
@@ -59,7 +59,7 @@ from kernels.moe_gemm.grouped_gemm import (
 )
 from kernels.moe_gemm import moe_ffn, route
 from kernels.moe_gemm.routing import Routing
-from profiling import Record, TelemetrySampler, bench, make_rotation, record_from_timing, source_hash
+from profiling import Record, make_rotation, record_from_timing, source_hash
 from reference.moe import grouped_gemm_dw_ref, grouped_gemm_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -540,8 +540,7 @@ class MoeFfnCase:
         return 2 * M * self.shape["Hd"] * 2 * self.shape["F"] + 2 * M * self.shape["F"] * self.shape["Hd"]
 
     def measure(self) -> Record:
-        with TelemetrySampler() as sampler:
-            timing = bench(self.call)
+        timing, telemetry = heated_timing(self)
         itemsize = self.dtype.itemsize
         E, Hd, F, T, k = (self.shape[n] for n in ("E", "Hd", "F", "T", "top_k"))
         nbytes = itemsize * (T * Hd * 2 + E * Hd * 2 * F + E * F * Hd) + 4 * T * E  # x, out, weights, logits
@@ -549,5 +548,5 @@ class MoeFfnCase:
         return record_from_timing(
             timing, kernel="moe_ffn", provider=self.provider, mode="fwd", shape=dict(self.shape),
             dtype=str(self.dtype).removeprefix("torch."), config={}, x_name="T", x_value=T,
-            bytes=nbytes, flops=self.flops(), telemetry=sampler.summary(), extra=dict(self.extra),
+            bytes=nbytes, flops=self.flops(), telemetry=telemetry, extra=dict(self.extra),
         )
