@@ -576,3 +576,19 @@ def test_benchmark_providers_compute_the_same(mode):
         assert err is None or err < 1e-5, f"{provider} {mode}: {err:.2e}"
         if provider != "dense":  # dense dW writes one [K, N] matrix: the FLOPs of all experts
             assert case.call(0).shape == case.sets[0]["out"].shape
+
+
+def test_benchmark_cases_are_timed_after_the_heat_up(monkeypatch):
+    """Each benchmark case runs HEAT_MS before it is timed (so it is timed at the GPU's power
+    cap) and records it; the CUDA timer is replaced by a recorder here."""
+    from autotune import benchmarks
+    from autotune.moe import GroupedGemmCase
+    from profiling import Timing
+
+    seen = []
+    monkeypatch.setattr(benchmarks, "bench", lambda fn, **kw: seen.append(kw) or Timing(1.0, 0.9, 1.1, 5))
+    shape = {"proj": "tiny", "E": 3, "K": 16, "N": 16, "T": 6, "top_k": 2, "routing": "random"}
+    case = GroupedGemmCase(shape, "fwd", "loop", dtype=torch.float32, device="cpu")
+    timing, _ = benchmarks.checked_timing(case)
+    assert timing.median_ms == 1.0 and seen == [{"warmup_ms": benchmarks.HEAT_MS}]
+    assert benchmarks.HEAT_MS >= 500 and case.extra["warmup_ms"] == benchmarks.HEAT_MS
