@@ -198,6 +198,20 @@ def test_bench_needs_cuda() -> None:
 
 
 @pytest.mark.parametrize(
+    "gpu_ms, host_ms, expected",
+    [
+        (10.0, 0.05, 100),  # a GEMM: GPU-bound, 100 calls fill 1 s
+        (0.0076, 0.1, 10_000),  # a decode step issued in 0.1 ms: host-bound
+        (0.0, 0.0, 10_000_000),  # nothing measurable: bounded by the 1e-4 ms floor
+    ],
+)
+def test_warmup_iters_fill_the_warmup_time(gpu_ms: float, host_ms: float, expected: int) -> None:
+    from profiling.timer import warmup_iters
+
+    assert warmup_iters(1000.0, gpu_ms, host_ms) == expected
+
+
+@pytest.mark.parametrize(
     "bytes_per_set, l2_bytes, max_sets, expected",
     [
         (10, 50, 16, 11),  # 11 * 10 = 110 > 2 * 50
