@@ -306,8 +306,9 @@ def _grouped_gemm_dw_kernel(
 
 def tma_loadable(t: torch.Tensor) -> bool:
     """Whether the kernels here load the 2-D tensor ``t`` through a TMA descriptor (forward /
-    dX operands and the weights as ``[E * rows, cols]``, dW's x and dy): a 16-bit dtype (fp32 inputs are the IEEE checking path, not a fast one), unit column stride, rows
-    and base 16-byte aligned (the descriptor's rules)."""
+    dX operands and the weights as ``[E * rows, cols]``, dW's x and dy): a 16-bit dtype (fp32
+    inputs are the IEEE checking path, not a fast one), unit column stride, rows and base
+    16-byte aligned (the descriptor's rules)."""
     return (t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * 2) % 16 == 0
             and t.data_ptr() % 16 == 0)
 
