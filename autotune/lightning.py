@@ -52,16 +52,17 @@ def shared_memory_bytes(config: Config, D: int, E: int, itemsize: int) -> int:
     """Estimated shared memory of one program, in bytes.
 
     The loads of one chunk, q ``[BT, D]``, k^T ``[D, BT]`` and v ``[BT, BV]``, are buffered
-    ``num_stages`` deep (elements of ``itemsize`` bytes), and the fp32 ``[BT, BT]`` decayed
-    score tile passes through shared memory on its way into the second dot::
+    ``num_stages`` deep (elements of ``itemsize`` bytes), the fp32 ``[BT, BT]`` decayed score
+    tile passes through shared memory on its way into the second dot, and the ``[BT, BV]``
+    output tile is staged there for its TMA store::
 
-        num_stages * itemsize * (BT*D + D*BT + BT*BV) + 4 * BT*BT
+        num_stages * itemsize * (BT*D + D*BT + BT*BV) + 4 * BT*BT + itemsize * BT*BV
 
     An estimate, not Triton's allocation: it prunes what cannot fit before compiling, and a
     config it lets through that does not fit fails to compile and is recorded as failed.
     """
     BT, BV = config["BT"], config["BV"]
-    return config["num_stages"] * itemsize * (BT * D + D * BT + BT * BV) + 4 * BT * BT
+    return config["num_stages"] * itemsize * (BT * D + D * BT + BT * BV) + 4 * BT * BT + itemsize * BT * BV
 
 
 def is_valid(config: Config, shape: Shape) -> bool:

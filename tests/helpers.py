@@ -18,3 +18,11 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     err = rel_error(out, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} (max abs {max_abs_error(out, ref):.3e})"
+
+
+def strided_copy(x: torch.Tensor) -> torch.Tensor:
+    """x's values with a gap after each head's columns: not TMA-viewable, so kernels read it
+    through pointer loads."""
+    padded = torch.full((*x.shape[:-1], x.shape[-1] + 16), float("nan"), dtype=x.dtype, device=x.device)
+    padded[..., : x.shape[-1]] = x
+    return padded[..., : x.shape[-1]]

@@ -26,6 +26,10 @@ Decomposition (host :func:`lightning_attn_bwd`):
    ``dS^T [E, BV]``). Each starts from dht (read transposed for dk) and its last carried
    state is dh0, written by the dv pass. Reads 3 of q, k, v, do; writes dv or dk.
 
+Loads as in the forward: TMA descriptors over ``[B, T, H * width]`` for fixed-length 16-bit
+inputs (``forward.token_descriptor``; rows past T arrive as zeros), masked pointer loads for
+packed sequences, fp32 and other strides.
+
 Bytes: 9 tensor reads + 3 writes, against the floor of 4 reads (q, k, v, do) + 3 writes.
 A fused dk+dv pass would read 4 and write 2, but it must carry the whole ``[D, E]`` state
 per (sequence, head) (no split, B*H programs) or sum dk over E-slices; which wins is a GPU
@@ -50,9 +54,9 @@ from kernels.lightning_attn.forward import sequence_and_decay
 
 KERNEL = "lightning_attn_bwd"
 
-# Used when no tuned file applies. NOT measured for the backward (no GPU time when it was
-# written): the forward's default (BT=64, BV=64, 4 warps, 3 stages; see forward.DEFAULT_CONFIG),
-# whose loop has the same loads and dots. Tune it (issue 4).
+# Used when no tuned file applies: the forward's default (BT=64, BV=64, 4 warps, 3 stages; see
+# forward.DEFAULT_CONFIG), whose loop has the same loads and dots. On an H100 the tuner's local
+# search kept that tile and picked 4 stages with TMA loads (kernels/configs).
 DEFAULT_CONFIG = dict(forward.DEFAULT_CONFIG)
 CONFIG_FIELDS = tuple(DEFAULT_CONFIG)
 
@@ -79,7 +83,7 @@ bucket_key = forward.bucket_key
 
 @triton.jit(do_not_specialize=["T"])
 def _lightning_bwd_kernel(
-    a, b, c, out, slopes, dht, dh0, cu_seqlens,
+    a, b, c, out, a_desc, b_desc, c_desc, out_desc, slopes, dht, dh0, cu_seqlens,
     T, scale,
     stride_ab, stride_at, stride_ah,
     stride_bb, stride_bt, stride_bh,
@@ -89,7 +93,7 @@ def _lightning_bwd_kernel(
     H: tl.constexpr, A: tl.constexpr, C: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     HAS_FINAL_STATE_GRAD: tl.constexpr, OUTPUT_STATE_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Reverse-time pass: ``out[t] = sum_{s>=t} scale lambda^(s-t) (a_t . b_s) c_s + lambda^(L-t) a_t R_0``.
 
@@ -133,9 +137,14 @@ def _lightning_bwd_kernel(
     for i_t in range(0, NT):
         start = (NT - 1 - i_t) * BT
         m_t = start + o_i < L
-        b_a = tl.load(p_a, mask=m_t[:, None], other=0.0)  # [BT, A]
-        b_bt = tl.load(p_bt, mask=m_t[None, :], other=0.0)  # [A, BT]
-        b_c = tl.load(p_c, mask=m_t[:, None], other=0.0)  # [BT, BV]
+        if USE_TMA:  # descriptors over [B, T, H * width]: rows past T arrive as zeros
+            b_a = a_desc.load([i_n, start, i_h * A]).reshape(BT, A)
+            b_bt = tl.trans(b_desc.load([i_n, start, i_h * A]).reshape(BT, A))
+            b_c = c_desc.load([i_n, start, i_h * C + i_c * BV]).reshape(BT, BV)
+        else:
+            b_a = tl.load(p_a, mask=m_t[:, None], other=0.0)  # [BT, A]
+            b_bt = tl.load(p_bt, mask=m_t[None, :], other=0.0)  # [A, BT]
+            b_c = tl.load(p_c, mask=m_t[:, None], other=0.0)  # [BT, BV]
         n = tl.minimum(L - start, BT).to(tl.float32)
 
         # from the later chunks: the carried state, decayed back to row i by lambda^(n-1-i)
@@ -144,7 +153,10 @@ def _lightning_bwd_kernel(
         # intra-chunk: anti-causal a b^T with decay lambda^(j-i), applied to c, same accumulator
         b_s = tl.dot(b_a, b_bt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
         b_o = tl.dot(b_s.to(b_c.dtype), b_c, acc=b_o, input_precision=DOT_PRECISION)
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None])
+        if USE_TMA:
+            out_desc.store([i_n, start, i_h * C + i_c * BV], b_o.to(out_desc.dtype).reshape(1, BT, BV))
+        else:
+            tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None])
 
         # carry the state back past this chunk: R = lambda^n R + scale sum_j lambda^(j+1) b_j^T c_j
         b_r = tl.dot(b_bt, (b_c * d_b[:, None]).to(b_c.dtype), acc=b_r * tl.exp2(-s * n),
@@ -170,15 +182,19 @@ def _launch_reverse(a, b, c, out, slopes, scale, dht, dh0, cu_seqlens, transpose
     def strides(x: torch.Tensor) -> tuple[int, int, int]:
         return (0 if cu_seqlens is not None else x.stride(0), x.stride(1), x.stride(2))
 
+    BT = config["BT"]
+    use_tma = cu_seqlens is None and all(forward.tma_viewable(x) for x in (a, b, c, out))
+    descs = ([forward.token_descriptor(a, A, BT), forward.token_descriptor(b, A, BT),
+              forward.token_descriptor(c, BV, BT), forward.token_descriptor(out, BV, BT)] if use_tma else [None] * 4)
     _lightning_bwd_kernel[(C // BV, N * H)](
-        a, b, c, out, slopes, dht, dh0, cu_seqlens,
+        a, b, c, out, *descs, slopes, dht, dh0, cu_seqlens,
         T, scale,
         *strides(a), *strides(b), *strides(c), *strides(out),
         stride_ra, stride_rc,
-        H=H, A=A, C=C, BT=config["BT"], BV=BV,
+        H=H, A=A, C=C, BT=BT, BV=BV,
         HAS_FINAL_STATE_GRAD=dht is not None,
         OUTPUT_STATE_GRAD=dh0 is not None,
-        IS_VARLEN=cu_seqlens is not None,
+        IS_VARLEN=cu_seqlens is not None, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],

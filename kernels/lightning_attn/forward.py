@@ -7,6 +7,13 @@ the chunk loop sequential yet gives B*H*(E/BV) programs: at B=1, H=64, E=128 and
 is 256 programs for 132 SMs. The E/BV programs of a head are adjacent in the grid, so they
 walk the same q, k chunks at the same time and share them through L2.
 
+Loads. Fixed-length 16-bit inputs whose heads are adjacent go through TMA descriptors over
+``[B, T, H * D]`` (:func:`token_descriptor`): the copy engine fills the pipeline's buffers, rows
+past T arrive as zeros (no masks), o leaves through an asynchronous TMA store, and the
+registers the pointer tiles held are freed (on sm_90 223 instead of 255 registers, no spill).
+Packed sequences (``cu_seqlens``), fp32 and other strides use masked pointer loads. Same
+arithmetic either way: outputs are bitwise equal.
+
 Per chunk (measured variants and their times are in docs/perf-notes.md), with rows i and columns j counted from the chunk start, n valid rows,
 ``lambda = exp(-slope)`` and S the state carried in::
 
@@ -18,14 +25,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
+from kernels._tma import tensor_descriptor
 
 KERNEL = "lightning_attn_fwd"
 
 # Used when no tuned file applies (CPU, an untuned GPU, a far-off shape). BT=64, BV=64, 4 warps,
 # 3 stages won at every benchmark shape (B=1 T=4K/16K/64K, B=8 T=4K; H=64, D=E=128, bf16) in
-# a sweep of 72 configs on an H200 (triton 3.6; results/logs/lightning_fwd_sweep_v2_h200.jsonl).
+# a sweep of 72 configs on an H200 with pointer loads (triton 3.6; results/raw/sweep_v2_h200.ndjson).
+# With TMA loads the H100 tune picks 4 stages for bf16 (kernels/configs); the default stays at 3,
+# which also launches for fp32 pointer loads at D=E=128 on an H100 (4 stages was not tried there).
 # BV shrinks to E for small E; 3 stages of q, k tiles do not fit in shared memory at D = 256.
 DEFAULT_CONFIG = {"BT": 64, "BV": 64, "num_warps": 4, "num_stages": 3}
 
@@ -55,7 +66,7 @@ def sequence_and_decay(cu_seqlens, slopes, T, i_n, i_h, IS_VARLEN: tl.constexpr)
 
 @triton.jit(do_not_specialize=["T"])
 def _lightning_fwd_kernel(
-    q, k, v, o, slopes, h0, ht, cu_seqlens,
+    q, k, v, o, q_desc, k_desc, v_desc, o_desc, slopes, h0, ht, cu_seqlens,
     T, scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -64,7 +75,7 @@ def _lightning_fwd_kernel(
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr, OUTPUT_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -100,9 +111,14 @@ def _lightning_fwd_kernel(
 
     for i_t in range(0, tl.cdiv(L, BT)):
         m_t = i_t * BT + o_i < L
-        b_q = tl.load(p_q, mask=m_t[:, None], other=0.0)  # [BT, D]
-        b_kt = tl.load(p_kt, mask=m_t[None, :], other=0.0)  # [D, BT]
-        b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
+        if USE_TMA:  # descriptors over [B, T, H * D]: rows past T arrive as zeros
+            b_q = q_desc.load([i_n, i_t * BT, i_h * D]).reshape(BT, D)
+            b_kt = tl.trans(k_desc.load([i_n, i_t * BT, i_h * D]).reshape(BT, D))
+            b_v = v_desc.load([i_n, i_t * BT, i_h * E + i_v * BV]).reshape(BT, BV)
+        else:
+            b_q = tl.load(p_q, mask=m_t[:, None], other=0.0)  # [BT, D]
+            b_kt = tl.load(p_kt, mask=m_t[None, :], other=0.0)  # [D, BT]
+            b_v = tl.load(p_v, mask=m_t[:, None], other=0.0)  # [BT, BV]
         n = tl.minimum(L - i_t * BT, BT).to(tl.float32)
 
         # inter-chunk: the state carried in, decayed to each row (lambda^(i+1) folded into q)
@@ -110,7 +126,10 @@ def _lightning_fwd_kernel(
         # intra-chunk: causal q k^T with decay lambda^(i-j), applied to v, same accumulator
         b_a = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * m_intra  # [BT, BT]
         b_o = tl.dot(b_a.to(b_v.dtype), b_v, acc=b_o, input_precision=DOT_PRECISION)
-        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None])
+        if USE_TMA:
+            o_desc.store([i_n, i_t * BT, i_h * E + i_v * BV], (b_o * scale).to(o_desc.dtype).reshape(1, BT, BV))
+        else:
+            tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None])
 
         # carry the state past this chunk: S = lambda^n S + sum_j lambda^(n-1-j) k_j^T v_j
         # (the decay goes on v's BT x BV rows, fewer than k's D x BT)
@@ -140,6 +159,23 @@ def valid_config(config: dict, D: int, E: int) -> bool:
         16 <= config["BV"] <= E and E % config["BV"] == 0 and config["BT"] >= 16 and D >= 16
         and config["num_stages"] >= 2
     )
+
+
+def tma_viewable(x: torch.Tensor) -> bool:
+    """Whether ``x [B, T, H, D]`` can be read or written through a TMA descriptor over
+    ``[B, T, H * D]`` (:func:`token_descriptor`): a 16-bit dtype (fp32 is the IEEE checking
+    path), heads adjacent (``stride(2) == D``) with a unit last stride, batch and token strides
+    and the base 16-byte aligned."""
+    return (x.element_size() == 2 and x.stride(3) == 1 and x.stride(2) == x.shape[3]
+            and (x.stride(0) * 2) % 16 == 0 and (x.stride(1) * 2) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
+def token_descriptor(x: torch.Tensor, width: int, BT: int) -> TensorDescriptor:
+    """A TMA descriptor over ``x [B, T, H, D]`` seen as ``[B, T, H * D]``, blocks of ``[1, BT,
+    width]``: one sequence's BT tokens of one head (or a width-wide slice of it). Rows past T
+    load as zeros and are not stored, so a ragged last chunk needs no mask."""
+    B, T, H, D = x.shape
+    return tensor_descriptor(x, [1, BT, width], [B, T, H * D], [x.stride(0), x.stride(1), 1])
 
 
 def lightning_attn_fwd(
@@ -179,15 +215,20 @@ def lightning_attn_fwd(
     def strides(x: torch.Tensor) -> tuple[int, int, int]:
         return (0 if cu_seqlens is not None else x.stride(0), x.stride(1), x.stride(2))
 
+    # fixed-length 16-bit inputs load through TMA (on an H100 1.11-1.20x the HBM floor at
+    # T >= 4K against 1.38-1.49x with pointer loads; docs/perf-notes.md, session 9)
+    use_tma = cu_seqlens is None and all(tma_viewable(x) for x in (q, k, v))
+    descs = ([token_descriptor(q, D, BT), token_descriptor(k, D, BT), token_descriptor(v, BV, BT),
+              token_descriptor(o, BV, BT)] if use_tma else [None] * 4)
     grid = (E // BV, N * H)
     _lightning_fwd_kernel[grid](
-        q, k, v, o, slopes, h0, final_state, cu_seqlens,
+        q, k, v, o, *descs, slopes, h0, final_state, cu_seqlens,
         T, scale,
         *strides(q), *strides(k), *strides(v), *strides(o),
         H=H, D=D, E=E, BT=BT, BV=BV,
         HAS_INITIAL_STATE=h0 is not None,
         OUTPUT_FINAL_STATE=final_state is not None,
-        IS_VARLEN=cu_seqlens is not None,
+        IS_VARLEN=cu_seqlens is not None, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],

@@ -49,9 +49,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
+from kernels._tma import tensor_descriptor
 
 KERNEL = "grouped_gemm"
 KERNEL_DX = "grouped_gemm_dx"
@@ -345,8 +345,8 @@ def _launch(
     tma_a = a_rows is None and tma_loadable(a)
     b_rows = _weight_rows(b)
     tma_b = b_rows is not None and tma_loadable(b_rows) and (b_transposed or K % BK == 0)
-    a_desc = TensorDescriptor.from_tensor(a, [BM, BK]) if tma_a else None
-    b_desc = TensorDescriptor.from_tensor(b_rows, [BN, BK] if b_transposed else [BK, BN]) if tma_b else None
+    a_desc = tensor_descriptor(a, [BM, BK]) if tma_a else None
+    b_desc = tensor_descriptor(b_rows, [BN, BK] if b_transposed else [BK, BN]) if tma_b else None
     _grouped_gemm_kernel[grid](
         a, b, c, offsets, a_rows, aux, a_desc, b_desc,
         N, K, num_pid_m,
@@ -409,8 +409,8 @@ def grouped_gemm_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, *,
         return dw
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     use_tma = M > 0 and tma_loadable(x) and tma_loadable(dy)
-    a_desc = TensorDescriptor.from_tensor(x, [BM, BK]) if use_tma else None
-    b_desc = TensorDescriptor.from_tensor(dy, [BM, BN]) if use_tma else None
+    a_desc = tensor_descriptor(x, [BM, BK]) if use_tma else None
+    b_desc = tensor_descriptor(dy, [BM, BN]) if use_tma else None
     grid = (triton.cdiv(K, BK) * triton.cdiv(N, BN), E)
     _grouped_gemm_dw_kernel[grid](
         x, dy, a_desc, b_desc, dw, offsets,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kernels.lightning_attn import lightning_attn, minimax_slopes
-from kernels.lightning_attn.forward import lightning_attn_fwd
+from kernels.lightning_attn.forward import lightning_attn_fwd, tma_viewable
 from reference.lightning_attn import lightning_attn_ref
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, strided_copy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +80,32 @@ def test_non_contiguous_inputs(device):
     assert not q.is_contiguous() and not qt.is_contiguous()
     check(q, k, v, minimax_slopes(H, 0, 2).to(device))
     check(qt, k, v, minimax_slopes(H, 0, 2).to(device))
+
+
+def test_tma_and_pointer_loads_agree(device):
+    # 16-bit fixed-length inputs go through TMA descriptors, others through pointer loads:
+    # the same arithmetic, so the same bits; ragged T covers the zero-filled last chunk
+    q, k, v, h0 = make_inputs(2, 77, 3, 32, 64, torch.bfloat16, device, state=True)
+    s = minimax_slopes(3, 0, 4).to(device)
+    cfg = dict(BT=32, BV=32, num_warps=4, num_stages=2)
+    strided = [strided_copy(x) for x in (q, k, v)]
+    assert all(tma_viewable(x) for x in (q, k, v)) and not any(tma_viewable(x) for x in strided)
+    o, ht = lightning_attn_fwd(q, k, v, s, 0.7, h0, True, None, config=cfg)
+    o_ptr, ht_ptr = lightning_attn_fwd(*strided, s, 0.7, h0, True, None, config=cfg)
+    assert torch.equal(o, o_ptr) and torch.equal(ht, ht_ptr)
+    check(q, k, v, s, scale=0.7, h0=h0, config=cfg)
+
+
+def test_batches_do_not_leak_into_each_other(device):
+    # the last chunk of batch row 0 is ragged; rows past T must read as zeros, not as row 1's tokens
+    q, k, v, _ = make_inputs(2, 37, 2, 16, 32, torch.bfloat16, device)
+    for x in (q, k, v):
+        x[1] = float("nan")
+    s = minimax_slopes(2, 0, 4).to(device)
+    o, ht = lightning_attn(q, k, v, s, output_final_state=True)
+    ref_o, ref_ht = lightning_attn_ref(q[:1], k[:1], v[:1], s)
+    assert_close("o", o[:1], ref_o, TOLERANCE[q.dtype])
+    assert_close("final_state", ht[:1], ref_ht, TOLERANCE[q.dtype])
 
 
 def test_empty_sequence_state_passes_through(device):
