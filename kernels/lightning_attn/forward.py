@@ -161,21 +161,36 @@ def valid_config(config: dict, D: int, E: int) -> bool:
     )
 
 
+def _token_strides(x: torch.Tensor) -> tuple[int, int] | None:
+    """Batch and token strides of ``x [B, T, H, D]`` seen as ``[B, T, H * D]`` (a size-1 dim
+    gets the stride a contiguous tensor would have: it is never stepped), or None when that
+    view is not a TMA descriptor's: heads not adjacent, or a stride that is not a positive
+    multiple of 16 bytes (e.g. a batch expanded with stride 0)."""
+    B, T, H, D = x.shape
+    if x.stride(3) != 1 or (H > 1 and x.stride(2) != D):
+        return None
+    stride_t = x.stride(1) if T > 1 else H * D
+    stride_b = x.stride(0) if B > 1 else T * stride_t
+    if min(stride_t, stride_b) <= 0 or (stride_t * x.element_size()) % 16 or (stride_b * x.element_size()) % 16:
+        return None
+    return stride_b, stride_t
+
+
 def tma_viewable(x: torch.Tensor) -> bool:
     """Whether ``x [B, T, H, D]`` can be read or written through a TMA descriptor over
     ``[B, T, H * D]`` (:func:`token_descriptor`): a 16-bit dtype (fp32 is the IEEE checking
-    path), heads adjacent (``stride(2) == D``) with a unit last stride, batch and token strides
-    and the base 16-byte aligned."""
-    return (x.element_size() == 2 and x.stride(3) == 1 and x.stride(2) == x.shape[3]
-            and (x.stride(0) * 2) % 16 == 0 and (x.stride(1) * 2) % 16 == 0 and x.data_ptr() % 16 == 0)
+    path), heads adjacent with a unit last stride, batch and token strides positive multiples
+    of 16 bytes, and the base 16-byte aligned."""
+    return x.element_size() == 2 and x.data_ptr() % 16 == 0 and _token_strides(x) is not None
 
 
 def token_descriptor(x: torch.Tensor, width: int, BT: int) -> TensorDescriptor:
-    """A TMA descriptor over ``x [B, T, H, D]`` seen as ``[B, T, H * D]``, blocks of ``[1, BT,
-    width]``: one sequence's BT tokens of one head (or a width-wide slice of it). Rows past T
-    load as zeros and are not stored, so a ragged last chunk needs no mask."""
+    """A TMA descriptor over a :func:`tma_viewable` ``x [B, T, H, D]`` seen as ``[B, T, H * D]``,
+    blocks of ``[1, BT, width]``: one sequence's BT tokens of one head (or a width-wide slice of
+    it). Rows past T load as zeros and are not stored, so a ragged last chunk needs no mask."""
     B, T, H, D = x.shape
-    return tensor_descriptor(x, [1, BT, width], [B, T, H * D], [x.stride(0), x.stride(1), 1])
+    stride_b, stride_t = _token_strides(x)
+    return tensor_descriptor(x, [1, BT, width], [B, T, H * D], [stride_b, stride_t, 1])
 
 
 def lightning_attn_fwd(

@@ -96,6 +96,20 @@ def test_tma_and_pointer_loads_agree(device):
     check(q, k, v, s, scale=0.7, h0=h0, config=cfg)
 
 
+def test_strides_a_descriptor_cannot_take(device):
+    # a batch expanded with stride 0 and odd token strides go through pointer loads; size-1
+    # dims with any stride still go through TMA
+    s = minimax_slopes(2, 0, 4).to(device)
+    q, k, v, _ = make_inputs(1, 40, 2, 16, 32, torch.bfloat16, device)
+    expanded = [x.expand(3, -1, -1, -1) for x in (q, k, v)]
+    odd_q = torch.randn(1400, dtype=torch.bfloat16, device=device).as_strided((1, 40, 2, 16), (1400, 35, 16, 1))
+    single = torch.randn(1, 1, 2, 16, dtype=torch.bfloat16, device=device).as_strided((1, 1, 2, 16), (7, 3, 16, 1))
+    assert not tma_viewable(expanded[0]) and not tma_viewable(odd_q) and tma_viewable(single)
+    check(*expanded, s)
+    check(odd_q, k, v, s)
+    check(single, single, single[..., :16], s)
+
+
 def test_batches_do_not_leak_into_each_other(device):
     # the last chunk of batch row 0 is ragged; rows past T must read as zeros, not as row 1's tokens
     q, k, v, _ = make_inputs(2, 37, 2, 16, 32, torch.bfloat16, device)
