@@ -130,7 +130,7 @@ def test_fake_space_pruning():
 
 def test_lightning_pruning_before_compiling():
     t = lightning.TUNABLE
-    assert len(t.configs()) == 3 * 4 * 2 * 4
+    assert len(t.configs()) == 3 * 4 * 2 * 5
     candidates = t.candidates(MINIMAX_16K)
     for c in candidates:
         assert 128 % c["BV"] == 0 and c["num_stages"] >= 2
@@ -139,9 +139,12 @@ def test_lightning_pruning_before_compiling():
     assert lightning.shared_memory_bytes({"BT": 128, "BV": 16, "num_stages": 3}, 128, 128, 2) == 278528
     assert {"BT": 128, "BV": 16, "num_warps": 4, "num_stages": 3} not in candidates
     assert {"BT": 128, "BV": 16, "num_warps": 4, "num_stages": 2} in candidates
-    # BT in {32, 64}: 4 BV x 2 warps x 3 stages; BT=128: BV 16/32 at 2 stages, 2 warps
+    # BT in {32, 64}: 4 BV x 2 warps x stages 2-4; 5 stages: BT=32 every BV, BT=64 BV <= 64
+    # (BV=128: 5*2*(64*128*2 + 64*128) + 4*64*64 + 2*64*128 = 278528 > 227 KB);
+    # BT=128: BV 16/32 at 2 stages, 2 warps
     # (BV=64: 2*2*(128*128*2 + 128*64) + 4*128*128 + 2*128*64 = 245760 > 227 KB)
-    assert len(candidates) == 2 * 4 * 2 * 3 + 2 * 2
+    assert len(candidates) == 2 * 4 * 2 * 3 + (4 + 3) * 2 + 2 * 2
+    assert {"BT": 64, "BV": 64, "num_warps": 4, "num_stages": 5} in candidates
     assert lightning.shared_memory_bytes({"BT": 128, "BV": 64, "num_stages": 2}, 128, 128, 2) == 245760
     small_e = t.candidates({**MINIMAX_16K, "D": 32, "E": 32})
     assert {c["BV"] for c in small_e} == {16, 32}
