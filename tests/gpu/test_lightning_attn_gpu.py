@@ -63,7 +63,7 @@ def test_every_valid_config_is_correct(BT, BV, num_warps):
     q, k, v = _inputs(1, 2500, 8, 128, 128, torch.bfloat16)
     s = minimax_slopes(8, 1, 8).cuda()
     ro, _ = lightning_attn_chunked_ref(q, k, v, s)
-    for stages in (2, 3, 4):  # 4: the tuned winner on an H100 (TMA loads)
+    for stages in (2, 3, 4, 5):  # the tuner's stages; 4 won on an H100 with TMA loads
         cfg = dict(BT=BT, BV=BV, num_warps=num_warps, num_stages=stages)
         try:
             o, _ = lightning_attn_fwd(q, k, v, s, 1.0, None, False, None, config=cfg)
@@ -146,7 +146,7 @@ def test_every_valid_backward_config_is_correct(BT, BV, num_warps):
     s = minimax_slopes(8, 1, 8).cuda()
     do, dht = torch.randn_like(v), torch.randn_like(h0)
     want = _ref_grads(q, k, v, s, scale=1.0, h0=h0, do=do, dht=dht)
-    for stages in (2, 3, 4):  # 4: the tuned winner on an H100 (TMA loads)
+    for stages in (2, 3, 4, 5):  # the tuner's stages; 4 won on an H100 with TMA loads
         cfg = dict(BT=BT, BV=BV, num_warps=num_warps, num_stages=stages)
         try:
             got = lightning_attn_bwd(q, k, v, s, 1.0, h0, None, do, dht, config=cfg)
