@@ -85,6 +85,9 @@ DW_SPACE = {
     "GROUP_K": [1, 8],
     "num_warps": [4, 8],
     "num_stages": [2, 3, 4],
+    # 0: one program per output tile; 1: one persistent program per SM (TMA-stored tiles;
+    # the one 2-per-SM config of the session-9 probe lost to both at 4K and 16K tokens)
+    "PROGRAMS_PER_SM": [0, 1],
 }
 
 # Largest dynamic shared memory one block may opt into on sm_90 (H100): 227 KB.
@@ -275,9 +278,13 @@ def shared_memory_bytes(config: Config, itemsize: int) -> int:
 
 
 def shared_memory_bytes_dw(config: Config, itemsize: int) -> int:
-    """dW: ``num_stages`` buffered A^T ``[BK, BM]`` and dY ``[BM, BN]`` tiles."""
+    """dW: ``num_stages`` buffered A^T ``[BK, BM]`` and dY ``[BM, BN]`` tiles, and for a
+    persistent config the ``[BK, BN]`` output tile staged for its TMA store. Triton 3.6
+    allocated 147480 B for 64 x 256 x 128 at 3 stages per tile and 214016 B persistent (sm_90,
+    compiled on the CPU machine; the estimate: 147456 and 212992)."""
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    return config["num_stages"] * itemsize * (BK * BM + BM * BN)
+    staged = itemsize * BK * BN if config.get("PROGRAMS_PER_SM", 0) else 0
+    return config["num_stages"] * itemsize * (BK * BM + BM * BN) + staged
 
 
 def _is_valid_gemm(config: Config, M: int, N: int, K: int, itemsize: int) -> bool:

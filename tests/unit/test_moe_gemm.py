@@ -41,8 +41,9 @@ def cfg(BM, BN, BK, G=1, warps=4, stages=2) -> dict:
     return {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_M": G, "num_warps": warps, "num_stages": stages}
 
 
-def dw_cfg(BM, BN, BK, G=1, warps=4, stages=2) -> dict:
-    return {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_K": G, "num_warps": warps, "num_stages": stages}
+def dw_cfg(BM, BN, BK, G=1, warps=4, stages=2, per_sm=0) -> dict:
+    return {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_K": G, "num_warps": warps, "num_stages": stages,
+            "PROGRAMS_PER_SM": per_sm}
 
 
 # rows per expert; each case names the degenerate thing it covers
@@ -156,6 +157,23 @@ def test_dw_tma_and_pointer_steps(K, N, device):
     assert (dw[0] == 0).all() and (dw[5] == 0).all()
 
 
+@pytest.mark.parametrize("per_sm", [1, 2])
+@pytest.mark.parametrize("K,N", [(64, 48), (40, 24), (20, 24)], ids=["tma-store", "pointer-store", "pointer-only"])
+def test_dw_persistent_matches_one_program_per_tile(K, N, per_sm, device):
+    """Persistent dW (PROGRAMS_PER_SM > 0: a few programs loop over the tiles) computes the same
+    bits as one program per tile. K % BLOCK_K == 0 with 16-bit rows stores through TMA; K=40
+    (a K tile straddling two experts' rows of dW) and K=20 (unaligned rows) store through
+    pointers. Empty experts still get zeros."""
+    counts = [0, 33, 16, 1, 48, 0, 5]
+    x, _, offsets = gemm_inputs(counts, K, 8, torch.bfloat16, device)
+    dy = torch.randn(sum(counts), N, device=device).to(torch.bfloat16)
+    want = grouped_gemm_dw(x, dy, offsets, config=dw_cfg(16, 32, 32, G=2))
+    got = grouped_gemm_dw(x, dy, offsets, config=dw_cfg(16, 32, 32, G=2, per_sm=per_sm))
+    assert torch.equal(got, want)
+    assert_close("dw", got, grouped_gemm_dw_ref(x, dy, offsets), TOLERANCE[torch.bfloat16])
+    assert (got[0] == 0).all() and (got[5] == 0).all()
+
+
 @pytest.mark.parametrize("K,N", [(64, 48), (40, 24), (20, 24)], ids=["tma", "tma-a-and-dx-only", "pointer-only"])
 def test_fwd_dx_tma_and_pointer_loads(K, N, device):
     """bf16 forward, dX and the SwiGLU pair with 16-byte aligned rows load through TMA
@@ -244,6 +262,10 @@ def test_valid_config():
     assert valid_config(cfg(16, 32, 16), swiglu=True)
     assert not valid_config({"BLOCK_M": 16})
     assert not valid_dw_config(dw_cfg(16, 16, 16, G=0))
+    assert not valid_dw_config(dw_cfg(16, 16, 16, per_sm=-1))
+    no_field = dw_cfg(16, 16, 16)
+    del no_field["PROGRAMS_PER_SM"]
+    assert valid_dw_config(no_field)  # files tuned before the field existed: one program per tile
     with pytest.raises(ValueError, match="cannot launch"):
         grouped_gemm_fwd(torch.randn(4, 16), torch.randn(1, 16, 16), torch.tensor([4], dtype=torch.int32),
                          config=cfg(16, 16, 16, stages=1))
