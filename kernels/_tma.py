@@ -19,7 +19,8 @@ def tensor_descriptor(t: torch.Tensor, block_shape: list[int], shape: list[int] 
     """A descriptor over ``t`` (or over the view ``shape`` / ``strides`` of its storage, in
     elements) loading and storing ``block_shape`` tiles; binds ``t``'s CUDA context to this
     thread first."""
-    if t.is_cuda:
+    # (a stream being captured into a CUDA graph may not be queried; its thread has a context)
+    if t.is_cuda and not torch.cuda.is_current_stream_capturing():
         torch.cuda.current_stream(t.device).query()
     return TensorDescriptor(t, list(t.shape) if shape is None else shape,
                             list(t.stride()) if strides is None else strides, block_shape)

@@ -297,3 +297,17 @@ def test_tma_launch_on_a_thread_without_a_cuda_context():
         raise result["error"]
     for name, g, w in zip(("dq", "dk", "dv"), result["got"], want):
         assert torch.equal(g, w), name
+
+
+def test_forward_with_tma_descriptors_captures_in_a_cuda_graph():
+    # kernels/_tma.py must not query a stream that is being captured
+    q, k, v = _inputs(1, 1000, 4, 128, 128, torch.bfloat16)
+    s = minimax_slopes(4, 1, 8).cuda()
+    want, _ = lightning_attn(q, k, v, s)  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got, _ = lightning_attn(q, k, v, s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
