@@ -35,7 +35,8 @@ rows in chunks of BLOCK_M. An expert with no rows runs no iteration and stores z
 By default one program computes one tile. With ``PROGRAMS_PER_SM`` = k > 0, k programs per
 SM loop over the tiles, and each finished tile leaves through an asynchronous TMA store, so
 its write overlaps the program's next tile. On an H100 that was 3-4% faster at 16K tokens
-and 16-25% slower at 4K (session 9 probe); the tuner chooses per bucket. When A and B allow it (:func:`tma_loadable`: 16-bit, rows 16-byte aligned) each
+and 16-25% slower at 4K (session 9 probe); the tuner chooses per bucket.
+When A and B allow it (:func:`tma_loadable`: 16-bit, rows 16-byte aligned) each
 expert's full steps load through TMA descriptors and only its last partial step through
 masked pointers: 1.04-1.16x faster than masked pointer loads throughout. A's rows are
 contiguous: gathering them in the kernel (row indices loaded in the loop) measured
