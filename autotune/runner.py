@@ -174,10 +174,14 @@ class SilentReporter:
 
 def _seeds(previous: Config | None, known: list[Config], job: Job) -> list[Config]:
     """The previous bucket's winner, the known winners that are candidates of ``job``, and the
-    default last, without repeats."""
+    default last, without repeats.
+
+    A winner tuned before a tunable joined the space lacks it and takes the default's value
+    (what the runtime launches it with), so a grown space still starts warm."""
     valid = {config_key(c) for c in job.candidates}
+    completed = [{**job.default, **c} for c in known]
     seeds: dict[tuple, Config] = {}
-    for config in ([previous] if previous else []) + [c for c in known if config_key(c) in valid]:
+    for config in ([previous] if previous else []) + [c for c in completed if config_key(c) in valid]:
         seeds.setdefault(config_key(config), config)
     seeds.pop(config_key(job.default), None)
     return [*seeds.values(), job.default]

@@ -360,6 +360,21 @@ def test_known_winners_seed_every_bucket(config_dir):
     assert [config_key(c) for c in seen[1]] == list(dict.fromkeys(config_key(c) for c in [first, good, other, default]))
 
 
+def test_winners_from_a_smaller_space_still_seed(config_dir):
+    """A winner written before a tunable joined the space (here SPLIT) seeds the search with
+    the default's value of it instead of silently dropping out (a cold search)."""
+    seen = []
+
+    def spy(candidates, measure, *, rep_ms, seeds, rng):
+        seen.append(list(seeds))
+        return measure(list(seeds), rep_ms)
+
+    jobs = plan(FAKE, [{"N": 64}])
+    Tuner(FAKE, device="cpu", isolate=False, rep_ms=5).tune(
+        jobs, strategies.Strategy("spy", spy, lambda n: 3, "spy"), known=[{"BLOCK": 8}, {"BLOCK": 8, "GONE": 1}])
+    assert seen == [[{"BLOCK": 8, "SPLIT": 1}, jobs[0].default]]
+
+
 def test_confirmation_rounds_retime_the_finalists():
     """A search whose single timings misranked (it reports a slow config and one that fails
     as the fastest): the confirmation rounds re-time its three fastest and the default, drop
