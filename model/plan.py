@@ -21,8 +21,8 @@ Launches per layer (M = tokens * top_k rows of the MoE GEMMs; F the expert hidde
   lookup (keyed by W and the tokens per rank; forward only, the backward runs the forward's
   chunks), then the grouped GEMMs of one chunk of the schedule: E/W/C local experts and,
   assuming balanced routing, M/C rows (a rank receives about tokens * top_k rows in all).
-  The token-count all-reduce that agrees on the schedule across ranks is not modelled: the
-  plan assumes every rank has ``batch * seq_len`` tokens.
+  The call takes the schedule of the largest token count of any rank (read off its count
+  all-gather); the plan assumes every rank has ``batch * seq_len`` tokens.
 """
 from __future__ import annotations
 

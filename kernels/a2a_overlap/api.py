@@ -43,8 +43,8 @@ dispatch(0) and combine(C-1) are what stays exposed.
 Contract (every rank): the same ``top_k``, ``num_chunks``, ``comm_ctas``, ``transport``, E,
 Hd, F and dtype, and the same ``requires_grad`` flags, so all ranks issue the same sequence of
 collectives (forward: the count all-gather, then 2C all-to-alls (NCCL) or C + 2 workspace
-barriers plus a collective workspace allocation when it must grow (copy); one all-reduce when
-the config is looked up; a ``new_group`` the first time a ``comm_ctas`` is used; backward: 2C
+barriers plus a collective workspace allocation when it must grow (copy); a ``new_group`` the
+first time a ``comm_ctas`` is used; backward: 2C
 all-to-alls, for the exchanges that carry gradient). World size 1 makes no collective at all
 (``moe_ffn`` on the local = all experts). A peer that dies or hangs surfaces as a
 ``RuntimeError`` after the process group's timeout (``init_process_group(..., timeout=...)``);
@@ -156,9 +156,9 @@ def moe_ffn_ep(
         group: a ``torch.distributed`` process group, or None for the default group (or for
             no distributed at all: then W = 1).
         num_chunks: chunks (groups of local experts) of the overlap schedule, 1 to E/W; MUST
-            be the same on every rank. None: the
-            tuned config of this GPU type (``schedule.py``; one extra all-reduce agrees on the
-            largest token count first), else the serial default.
+            be the same on every rank. None: the tuned config of this GPU type for the largest
+            token count of any rank (``schedule.py``; read off the count all-gather, so it
+            costs no extra collective), else the serial default.
         comm_ctas: with ``num_chunks`` given, at most this many CTAs (SMs) for NCCL's kernels
             (0 or None: NCCL's choice; ignored on other backends). MUST match across ranks.
         transport: with ``num_chunks`` given, how the forward moves rows: ``"nccl"`` (default;
@@ -180,8 +180,14 @@ def moe_ffn_ep(
         return moe_ffn(x, router_logits, w_gate_up_local, w_down_local, top_k)
     if transport == "copy" and (why := workspace.supported(group, x.device)):
         raise ValueError(f"transport='copy' cannot run here: {why}")
+    rt = route(router_logits, top_k)  # all local tokens (local, no communication)
+    counts = None
     if num_chunks is None:
-        config = schedule.tuned_config(x, router_logits, w_down_local, W, group)
+        # the count all-gather comes first here (the rows are gathered after it, not under
+        # it): the tuned config needs every rank's token count
+        counts, _ = _all_counts(rt.counts, W, group, rank)
+        counts = (counts, counts.tolist())  # the call's one host sync
+        config = schedule.tuned_config(counts[1], top_k, w_down_local, x.dtype, group, x.device)
         num_chunks, comm_ctas, transport = config["num_chunks"], config["comm_ctas"], config["transport"]
     transport = transport or "nccl"
     group = schedule.comm_group(group, comm_ctas or 0) if transport == "nccl" else group
@@ -189,23 +195,23 @@ def moe_ffn_ep(
     bounds = [g * E_l // C for g in range(C + 1)]  # chunk g = local experts [bounds[g], bounds[g+1])
     w_gate_up_chunks = w_gate_up_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
     w_down_chunks = w_down_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
-    rt = route(router_logits, top_k)  # all local tokens (local, no communication)
     ep = _ep_copy if transport == "copy" else _ep_nccl
-    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group)
+    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, counts)
     return MoECombineFunction.apply(y_back, rt.weights, copy_to_row)
 
 
-def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
+def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known=None):
     """The NCCL transport: all-to-alls of chunk-major rows, chunk g+1's dispatch and chunk
-    g-1's combine in flight under chunk g's experts. Returns the expert outputs in send order
-    and the ``copy_to_row`` of that order."""
+    g-1's combine in flight under chunk g's experts. ``known``: the counts already gathered
+    (tensor, list), or None. Returns the expert outputs in send order and the ``copy_to_row``
+    of that order."""
     C, E_l = len(bounds) - 1, bounds[-1]
     row_to_token, copy_to_row = _chunk_major(rt, W, E_l, bounds)
     # every row gathered once (while the counts travel), then split by chunk (views; the
     # backward concatenates)
-    counts, xs = _all_counts(rt.counts, W, group, rank,
-                             meanwhile=lambda: _GatherRows.apply(x, row_to_token, copy_to_row))
-    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)  # the call's one host sync
+    counts, counts_list, xs = _counts(rt, W, group, rank, known,
+                                      meanwhile=lambda: _GatherRows.apply(x, row_to_token, copy_to_row))
+    plan = ExchangePlan(counts_list, rank, E_l, bounds)
     send_splits, recv_splits = plan.send_splits, plan.recv_splits  # [C][W] each
     recv_counts = counts[:, rank * E_l:(rank + 1) * E_l]  # [W(src), E_l], on the device
 
@@ -227,9 +233,10 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
     return (y_back[0] if C == 1 else torch.cat(y_back)), copy_to_row
 
 
-def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
+def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known=None):
     """The copy transport (``copy_exchange.py``): rows stay in routing order; the pulls of
-    chunk g+1 and the combine of chunk g-1 run on copy engines under chunk g's experts."""
+    chunk g+1 and the combine of chunk g-1 run on copy engines under chunk g's experts.
+    ``known`` as in :func:`_ep_nccl`."""
     C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
     M, Hd = rt.row_to_token.shape[0], x.shape[1]
     # this rank's rows go into the workspace while the counts travel, when the current
@@ -241,8 +248,8 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
             # (x's gradient flows through CopyDispatch, which takes x and skips its own gather)
             torch.index_select(x.detach(), 0, rt.row_to_token.long(), out=early.rows(rank, 0, M, Hd, x.dtype))
 
-    counts, _ = _all_counts(rt.counts, W, group, rank, meanwhile=gather_early)
-    plan = ExchangePlan(counts.tolist(), rank, E_l, bounds)  # the call's one host sync
+    _, counts_list, _ = _counts(rt, W, group, rank, known, meanwhile=gather_early)
+    plan = ExchangePlan(counts_list, rank, E_l, bounds)
     xfer = copy_exchange.CopyExchange(plan, group, dev, Hd, x.dtype)
     recvs = copy_exchange.CopyDispatch.apply(x, rt.row_to_token, rt.copy_to_row, xfer,
                                              xfer.ws is early)  # pulls chunk 0
@@ -259,6 +266,16 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group):
         xfer.publish(g, y_sorted)  # the combine of chunk g, under the experts of chunk g+1
         ys.append(y_sorted)
     return copy_exchange.CopyCombine.apply(xfer, *ys), rt.copy_to_row
+
+
+def _counts(rt, W: int, group, rank: int, known, meanwhile):
+    """``(counts [W, E] tensor, the same as lists, meanwhile())``: the all-gather with
+    ``meanwhile`` under it (see :func:`_all_counts`) and the call's one host sync, or, when
+    ``known`` already holds the gathered counts, ``meanwhile`` alone."""
+    if known is not None:
+        return (*known, meanwhile())
+    counts, done = _all_counts(rt.counts, W, group, rank, meanwhile=meanwhile)
+    return counts, counts.tolist(), done  # the call's one host sync
 
 
 def _all_counts(counts: torch.Tensor, W: int, group, rank: int, meanwhile=None):

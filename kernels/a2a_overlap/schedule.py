@@ -11,7 +11,8 @@ keyed by :func:`bucket_key`.
 
 Every rank must launch the same collectives, so every rank must pick the same config: the
 key holds only what all ranks share (world size, expert shapes, dtype) and the LARGEST token
-count of any rank (agreed by one all-reduce before the lookup), never a rank's own count.
+count of any rank (read off the call's count all-gather, which every rank receives whole),
+never a rank's own count.
 """
 from __future__ import annotations
 
@@ -45,21 +46,17 @@ def valid_config(config: dict) -> bool:
             and X in TRANSPORTS and (X == "nccl" or K == 0))
 
 
-def tuned_config(x: torch.Tensor, router_logits: torch.Tensor, w_down_local: torch.Tensor, W: int, group) -> dict:
-    """The tuned config for this call, the same on every rank: one blocking all-reduce (MAX)
-    of the ranks' token counts, then the lookup."""
-    t = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    except RuntimeError as exc:
-        raise RuntimeError(f"moe_ffn_ep: agreeing on the tuned config (all-reduce of token counts) failed or "
-                           f"timed out on rank {dist.get_rank(group)}: {exc}") from exc
-    E = router_logits.shape[1]
+def tuned_config(counts: list[list[int]], top_k: int, w_down_local: torch.Tensor, dtype: torch.dtype,
+                 group, device: torch.device) -> dict:
+    """The tuned config for this call, the same on every rank: ``counts`` is every rank's row
+    count per expert (``[W][E]``, the call's count all-gather), so rank r holds
+    ``sum(counts[r]) / top_k`` tokens and every rank finds the same largest one."""
+    W, E = len(counts), len(counts[0])
     F, Hd = w_down_local.shape[1], w_down_local.shape[2]
-    key = bucket_key(W, E, Hd, F, int(t.item()), x.dtype)
+    key = bucket_key(W, E, Hd, F, max(sum(row) for row in counts) // top_k, dtype)
     config = _config.lookup(KERNEL, key, default=DEFAULT_CONFIG, near=("T",))
     fits = valid_config(config) and config["num_chunks"] <= E // W
-    if fits and config.get("transport") == "copy" and workspace.supported(group, x.device):
+    if fits and config.get("transport") == "copy" and workspace.supported(group, device):
         fits = False  # tuned where symmetric memory works, run where it does not (the same on every rank)
     return {**DEFAULT_CONFIG, **config} if fits else dict(DEFAULT_CONFIG)
 

@@ -128,8 +128,12 @@ def _worker(rank: int, port: int, case: dict) -> dict:
 
         started = []  # a dispatch and a combine per chunk: how many chunks the tuned call used
         api.start_exchange = lambda *a, _start=api.start_exchange, **k: started.append(1) or _start(*a, **k)
+        calls = {"all_gather": 0, "all_reduce": 0}  # the tuned call's collectives besides the exchanges
+        for name in calls:
+            setattr(dist, name, lambda *a, _f=getattr(dist, name), _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
         result["tuned"] = _run_rank(moe_ffn_ep, inp, rank, case)  # num_chunks from the file
         result["tuned_chunks"] = len(started) // 2
+        result["tuned_collectives"] = dict(calls)
         result["ctas"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=3, comm_ctas=8)  # no SMs on gloo
     if case.get("ref", True):
         result["ref"] = _run_rank(moe_ffn_ep_ref, inp, rank, case)
@@ -220,8 +224,8 @@ def test_ep_world_size_8(tmp_path):
 def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
     """num_chunks=None: every rank takes the tuned config of the LARGEST token count (rank 0
     alone would find the T=4 bucket's 2 chunks, rank 1 the T=16 bucket's 3): the ranks agree,
-    nothing hangs, and the result is the 3-chunk schedule's, bit for bit. comm_ctas is a
-    no-op on gloo."""
+    nothing hangs, the only collective besides the exchanges is the count all-gather, and the
+    result is the 3-chunk schedule's, bit for bit. comm_ctas is a no-op on gloo."""
     import triton
 
     from autotune import writer
@@ -235,6 +239,8 @@ def test_ep_tuned_config_is_agreed_across_ranks(tmp_path):
     case = dict(W=W, E=E, tokens=[3, 9], top_k=2, seed=12, config_dir=str(tmp_path / "configs"))
     results = _spawn(case, tmp_path)
     assert [r["tuned_chunks"] for r in results] == [3, 3]
+    # the largest token count comes from the count all-gather: no extra collective
+    assert [r["tuned_collectives"] for r in results] == [{"all_gather": 1, "all_reduce": 0}] * 2
     for key in ("tuned", "ctas"):
         for n in ("out", "x", "logits", "w_gate_up", "w_down"):
             assert torch.equal(_gathered(results, key)[n], _gathered(results, "ep3")[n]), (key, n)
