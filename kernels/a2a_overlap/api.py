@@ -181,13 +181,12 @@ def moe_ffn_ep(
     if transport == "copy" and (why := workspace.supported(group, x.device)):
         raise ValueError(f"transport='copy' cannot run here: {why}")
     rt = route(router_logits, top_k)  # all local tokens (local, no communication)
-    counts = None
+    known = None  # the gathered counts (tensor, lists), when the tuned config needs them first
     if num_chunks is None:
         # the count all-gather comes first here (the rows are gathered after it, not under
         # it): the tuned config needs every rank's token count
-        counts, _ = _all_counts(rt.counts, W, group, rank)
-        counts = (counts, counts.tolist())  # the call's one host sync
-        config = schedule.tuned_config(counts[1], top_k, w_down_local, x.dtype, group, x.device)
+        known = _counts(rt, W, group, rank, None, meanwhile=None)[:2]
+        config = schedule.tuned_config(known[1], top_k, w_down_local, x.dtype, group, x.device)
         num_chunks, comm_ctas, transport = config["num_chunks"], config["comm_ctas"], config["transport"]
     transport = transport or "nccl"
     group = schedule.comm_group(group, comm_ctas or 0) if transport == "nccl" else group
@@ -196,7 +195,7 @@ def moe_ffn_ep(
     w_gate_up_chunks = w_gate_up_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
     w_down_chunks = w_down_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
     ep = _ep_copy if transport == "copy" else _ep_nccl
-    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, counts)
+    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known)
     return MoECombineFunction.apply(y_back, rt.weights, copy_to_row)
 
 
@@ -270,8 +269,8 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, kno
 
 def _counts(rt, W: int, group, rank: int, known, meanwhile):
     """``(counts [W, E] tensor, the same as lists, meanwhile())``: the all-gather with
-    ``meanwhile`` under it (see :func:`_all_counts`) and the call's one host sync, or, when
-    ``known`` already holds the gathered counts, ``meanwhile`` alone."""
+    ``meanwhile`` (or None) under it (see :func:`_all_counts`) and the call's one host sync,
+    or, when ``known`` already holds the gathered counts, ``meanwhile`` alone."""
     if known is not None:
         return (*known, meanwhile())
     counts, done = _all_counts(rt.counts, W, group, rank, meanwhile=meanwhile)
