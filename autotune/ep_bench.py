@@ -15,6 +15,9 @@ top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank 
   larger C are skipped) and NCCL limited to K CTAs (K = 0: NCCL's own choice);
 - ``copy-chunks{C}``: the same schedule on the copy transport (copy engines pulling from the
   peers' symmetric-memory workspaces; ``kernels/a2a_overlap/copy_exchange.py``).
+- ``flags``: the flags transport (no chunks; the GEMMs wait on and signal per-expert flags
+  beside the copy engines; ``kernels/a2a_overlap/flags_exchange.py``). Its experts' span
+  starts at the launch, so it includes the up GEMM's wait for expert 0's rows.
 
 A time is the median over repetitions of the slowest rank's CUDA-event time (the ranks
 all-reduce each repetition's time with MAX). Repetitions are interleaved: repetition r runs
@@ -228,6 +231,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
         candidates = [(C, K, "nccl") for C in args.chunks for K in args.comm_ctas
                        if C <= dims["E"] // W and (C, K) != (1, 0) and "nccl" in args.transports]
         candidates += [(C, 0, "copy") for C in args.chunks if C <= dims["E"] // W and "copy" in args.transports]
+        candidates += [(1, 0, "flags")] if "flags" in args.transports else []
         with torch.no_grad():
             for T in args.tokens:
                 inp = _inputs(T, dims, rank, device, dtype, W)
@@ -240,7 +244,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                 for C, K, X in candidates:  # each checked against serial before it is timed
                     err = torch.tensor([rel_error(run(C, K, X), serial_out)], dtype=torch.float64, device=device)
                     dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                    name = f"chunks{C}-ctas{K}" if X == "nccl" else f"copy-chunks{C}"
+                    name = {"nccl": f"chunks{C}-ctas{K}", "copy": f"copy-chunks{C}", "flags": "flags"}[X]
                     schedules[name] = ({"num_chunks": C, "comm_ctas": K, "transport": X}, err.item())
                 calls = {name: (lambda c=config: run(c["num_chunks"], c["comm_ctas"], c["transport"]))
                          for name, (config, _) in schedules.items()}
@@ -386,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=_parse_ints, default=None, help="tokens per rank, e.g. 4096,16384")
     parser.add_argument("--chunks", type=_parse_ints, default=[1, 2, 4, 8, 16], help="those above E/W are skipped")
     parser.add_argument("--comm-ctas", type=_parse_ints, default=[0, 8, 16, 32], help="NCCL maxCTAs; 0 = NCCL's choice")
-    parser.add_argument("--transports", type=lambda t: [v for v in t.split(",") if v], default=["nccl", "copy"],
-                        help="nccl (all-to-all), copy (copy engines over symmetric memory)")
+    parser.add_argument("--transports", type=lambda t: [v for v in t.split(",") if v],
+                        default=["nccl", "copy", "flags"],
+                        help="nccl (all-to-all), copy (copy engines over symmetric memory), flags (copy engines "
+                             "and per-expert flags under unchunked GEMMs)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--results", default="results", help="folder for moe_ffn_ep.jsonl")
     parser.add_argument("--out-dir", default=None, help="config root (default: $KWB_CONFIG_DIR or kernels/configs)")

@@ -37,13 +37,18 @@ reverse all-to-alls on the group, blocking, either way):
   (``workspace.py``); the copy engines pull each chunk's rows expert-major (no sort) and the
   outputs straight back into routing order (no cat, no un-permute), on two side streams, the
   SMs left to the experts (``copy_exchange.py`` has the schedule and its barriers).
+- ``"flags"``: the copy transport's workspaces and copy engines without chunks: one launch
+  of each GEMM over all local experts, whose programs wait for per-expert ``ready`` flags
+  (set by stream memory ops after each expert's pulls) and count per-expert ``done``
+  (which the combine stream waits on before pushing that expert's outputs back);
+  ``flags_exchange.py``. ``num_chunks`` must be 1.
 
 dispatch(0) and combine(C-1) are what stays exposed.
 
 Contract (every rank): the same ``top_k``, ``num_chunks``, ``comm_ctas``, ``transport``, E,
 Hd, F and dtype, and the same ``requires_grad`` flags, so all ranks issue the same sequence of
 collectives (forward: the count all-gather, then 2C all-to-alls (NCCL) or C + 2 workspace
-barriers plus a collective workspace allocation when it must grow (copy); a ``new_group`` the
+barriers (copy) or 2 (flags) plus a collective workspace allocation when it must grow; a ``new_group`` the
 first time a ``comm_ctas`` is used; backward: 2C
 all-to-alls, for the exchanges that carry gradient). World size 1 makes no collective at all
 (``moe_ffn`` on the local = all experts). A peer that dies or hangs surfaces as a
@@ -56,7 +61,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.a2a_overlap import copy_exchange, schedule, workspace
+from kernels.a2a_overlap import copy_exchange, flags_exchange, schedule, workspace
 from kernels.a2a_overlap.exchange import start_exchange
 from kernels.a2a_overlap.layout import ExchangePlan
 from kernels.moe_gemm.api import MoECombineFunction, MoEExpertsFunction, _check_moe, moe_ffn
@@ -99,9 +104,11 @@ def _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks
             raise ValueError("transport needs num_chunks (with num_chunks=None both come from the tuned config)")
         if transport not in schedule.TRANSPORTS:
             raise ValueError(f"transport must be one of {schedule.TRANSPORTS}, got {transport!r}")
-        if transport == "copy" and comm_ctas:
-            raise ValueError(f"comm_ctas limits NCCL's kernels; the copy transport has none "
+        if transport != "nccl" and comm_ctas:
+            raise ValueError(f"comm_ctas limits NCCL's kernels; the {transport} transport has none "
                              f"(got comm_ctas={comm_ctas})")
+        if transport == "flags" and num_chunks != 1:
+            raise ValueError(f"the flags transport runs unchunked: num_chunks must be 1, got {num_chunks}")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError("router_logits must be a [T, E] tensor")
     E = router_logits.shape[1]
@@ -124,12 +131,13 @@ def _expand_experts(w: torch.Tensor, E: int) -> torch.Tensor:
     return w[:1].expand(E, *w.shape[1:]) if w.shape[0] >= 1 else w
 
 
-def _experts(rows, w_gate_up_local, w_down_local, order, inv, offsets):
+def _experts(rows, w_gate_up_local, w_down_local, order, inv, offsets, flags=None):
     """The local experts: ``y[i] = expert(rows[order[i]])``, rows ``order`` grouped by expert
     (``offsets`` int32 group ends), ``inv`` the inverse of ``order``. Differentiable in rows
-    and the weights. The GEMMs and nothing else (ep_bench times this as the experts' own time)."""
+    and the weights. The GEMMs and nothing else (ep_bench times this as the experts' own time).
+    ``flags``: the flags transport's per-expert (ready, done) (``flags_exchange.py``)."""
     return MoEExpertsFunction.apply(rows, w_gate_up_local, w_down_local, order.to(torch.int32),
-                                    inv.to(torch.int32).view(-1, 1), offsets)
+                                    inv.to(torch.int32).view(-1, 1), offsets, flags)
 
 
 def moe_ffn_ep(
@@ -162,10 +170,12 @@ def moe_ffn_ep(
         comm_ctas: with ``num_chunks`` given, at most this many CTAs (SMs) for NCCL's kernels
             (0 or None: NCCL's choice; ignored on other backends). MUST match across ranks.
         transport: with ``num_chunks`` given, how the forward moves rows: ``"nccl"`` (default;
-            the group's all-to-all) or ``"copy"`` (copy engines pulling from the peers'
-            symmetric-memory workspaces, ``copy_exchange.py``; NCCL groups with CUDA tensors,
-            or gloo with CPU tensors). The backward exchanges run on the group either way.
-            MUST match across ranks.
+            the group's all-to-all), ``"copy"`` (copy engines pulling from the peers'
+            symmetric-memory workspaces, ``copy_exchange.py``) or ``"flags"`` (the same
+            engines under unchunked GEMMs synchronised per expert, ``flags_exchange.py``;
+            num_chunks 1). copy and flags need NCCL groups with CUDA tensors, or gloo with
+            CPU tensors. The backward exchanges run on the group either way. MUST match
+            across ranks.
 
     Returns:
         ``[T, Hd]`` in x's dtype; differentiable in x, router_logits and both local shards.
@@ -178,8 +188,8 @@ def moe_ffn_ep(
     _check_ep(x, router_logits, w_gate_up_local, w_down_local, top_k, num_chunks, comm_ctas, transport, W)
     if W == 1:
         return moe_ffn(x, router_logits, w_gate_up_local, w_down_local, top_k)
-    if transport == "copy" and (why := workspace.supported(group, x.device)):
-        raise ValueError(f"transport='copy' cannot run here: {why}")
+    if transport in ("copy", "flags") and (why := workspace.supported(group, x.device)):
+        raise ValueError(f"transport={transport!r} cannot run here: {why}")
     rt = route(router_logits, top_k)  # all local tokens (local, no communication)
     known = None  # the gathered counts (tensor, lists), when the tuned config needs them first
     if num_chunks is None:
@@ -194,8 +204,12 @@ def moe_ffn_ep(
     bounds = [g * E_l // C for g in range(C + 1)]  # chunk g = local experts [bounds[g], bounds[g+1])
     w_gate_up_chunks = w_gate_up_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
     w_down_chunks = w_down_local.split([bounds[g + 1] - bounds[g] for g in range(C)])
-    ep = _ep_copy if transport == "copy" else _ep_nccl
-    y_back, copy_to_row = ep(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known)
+    if transport == "nccl":
+        y_back, copy_to_row = _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known)
+    else:
+        exchange_cls = copy_exchange.CopyExchange if transport == "copy" else flags_exchange.FlagsExchange
+        y_back, copy_to_row = _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known,
+                                       exchange_cls)
     return MoECombineFunction.apply(y_back, rt.weights, copy_to_row)
 
 
@@ -232,10 +246,12 @@ def _ep_nccl(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, kno
     return (y_back[0] if C == 1 else torch.cat(y_back)), copy_to_row
 
 
-def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known=None):
+def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, known=None,
+             exchange_cls=copy_exchange.CopyExchange):
     """The copy transport (``copy_exchange.py``): rows stay in routing order; the pulls of
     chunk g+1 and the combine of chunk g-1 run on copy engines under chunk g's experts.
-    ``known`` as in :func:`_ep_nccl`."""
+    With ``exchange_cls`` FlagsExchange, the flags transport (one chunk; the GEMMs wait on
+    and signal per-expert flags, ``flags_exchange.py``). ``known`` as in :func:`_ep_nccl`."""
     C, E_l, dev = len(bounds) - 1, bounds[-1], x.device
     M, Hd = rt.row_to_token.shape[0], x.shape[1]
     # this rank's rows go into the workspace while the counts travel, when the current
@@ -249,7 +265,7 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, kno
 
     _, counts_list, _ = _counts(rt, W, group, rank, known, meanwhile=gather_early)
     plan = ExchangePlan(counts_list, rank, E_l, bounds)
-    xfer = copy_exchange.CopyExchange(plan, group, dev, Hd, x.dtype)
+    xfer = exchange_cls(plan, group, dev, Hd, x.dtype)
     recvs = copy_exchange.CopyDispatch.apply(x, rt.row_to_token, rt.copy_to_row, xfer,
                                              xfer.ws is early)  # pulls chunk 0
     identity = torch.arange(max([r.shape[0] for r in recvs] + [0]), device=dev)
@@ -257,7 +273,8 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, kno
     for g in range(C):
         xfer.wait_dispatch(g)
         order = identity[:recvs[g].shape[0]]  # the pulls deliver rows expert-major
-        y_sorted = _experts(recvs[g], w_gate_up_chunks[g], w_down_chunks[g], order, order, xfer.expert_offsets(g))
+        y_sorted = _experts(recvs[g], w_gate_up_chunks[g], w_down_chunks[g], order, order, xfer.expert_offsets(g),
+                            xfer.flags)
         # issued after chunk g's GEMMs so that the host launches those first (the pulls cost
         # host time per block); both run under chunk g's experts on the GPU
         if g + 1 < C:

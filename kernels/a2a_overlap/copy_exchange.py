@@ -59,9 +59,11 @@ class CopyExchange:
     :meth:`publish` (g); then :meth:`finish`. The side streams' work is issued as early as the
     host can, and each waits on the GPU only for what it reads."""
 
+    flags = None  # the experts' (ready, done) flags: none here (flags_exchange.py has them)
+
     def __init__(self, plan: ExchangePlan, group, device: torch.device, Hd: int, dtype: torch.dtype):
         self.plan, self.group, self.Hd, self.dtype, self.device = plan, group, Hd, dtype, device
-        self.ws = ws_mod.workspace(group, device, plan.rows_needed * Hd * dtype.itemsize)
+        self.ws = ws_mod.workspace(group, device, self.rows_needed(plan) * Hd * dtype.itemsize)
         self.cuda = device.type == "cuda"
         self.dispatch_stream, self.combine_stream = _side_streams(device) if self.cuda else (None, None)
         self.dispatched = [None] * plan.C
@@ -69,6 +71,11 @@ class CopyExchange:
         self._orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         ends = torch.tensor(plan.expert_ends(), dtype=torch.int32)
         self._ends = ends.pin_memory().to(device, non_blocking=True) if self.cuda else ends
+
+    @staticmethod
+    def rows_needed(plan: ExchangePlan) -> int:
+        """Workspace rows per rank (the same on every rank): its own rows, then what it received."""
+        return plan.rows_needed
 
     def expert_offsets(self, g: int) -> torch.Tensor:
         """int32 group ends of chunk g's experts in recv_g (the grouped GEMM's offsets)."""

@@ -4,7 +4,9 @@ A config is ``{"num_chunks": C, "comm_ctas": K, "transport": X}``: C chunks, eac
 the local experts (``C <= E / W``; see ``api.py``); X = ``"nccl"`` (the group's all-to-all;
 on NCCL a communicator whose kernels use at most K CTAs, one SM each, ``ncclConfig_t.maxCTAs``,
 so the experts' GEMMs keep the rest; ``K = 0`` leaves NCCL's own choice) or ``"copy"`` (copy
-engines pulling from the peers' workspaces, ``copy_exchange.py``; K must be 0). Entries
+engines pulling from the peers' workspaces, ``copy_exchange.py``; K must be 0) or ``"flags"``
+(the copy engines and per-expert flags under unchunked GEMMs, ``flags_exchange.py``; C must be
+1, K 0). Entries
 written before the copy transport existed have no ``transport``: they mean ``"nccl"``. Tuned
 per GPU type by ``python -m autotune.ep_bench`` into ``kernels/configs/<gpu-slug>/moe_ffn_ep.json``,
 keyed by :func:`bucket_key`.
@@ -29,7 +31,7 @@ KERNEL = "moe_ffn_ep"
 # Used when no tuned file applies: the plain pipeline (no chunking, NCCL's own SM count),
 # the serial schedule the issue measured as the baseline. Not a measured optimum.
 DEFAULT_CONFIG = {"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"}
-TRANSPORTS = ("nccl", "copy")
+TRANSPORTS = ("nccl", "copy", "flags")
 
 
 def bucket_key(W: int, E: int, Hd: int, F: int, T_max: int, dtype: torch.dtype) -> dict:
@@ -43,7 +45,7 @@ def valid_config(config: dict) -> bool:
     C, K, X = config.get("num_chunks"), config.get("comm_ctas"), config.get("transport", "nccl")
     return (isinstance(C, int) and not isinstance(C, bool) and C >= 1
             and isinstance(K, int) and not isinstance(K, bool) and K >= 0
-            and X in TRANSPORTS and (X == "nccl" or K == 0))
+            and X in TRANSPORTS and (X == "nccl" or K == 0) and (X != "flags" or C == 1))
 
 
 def tuned_config(counts: list[list[int]], top_k: int, w_down_local: torch.Tensor, dtype: torch.dtype,
@@ -56,7 +58,7 @@ def tuned_config(counts: list[list[int]], top_k: int, w_down_local: torch.Tensor
     key = bucket_key(W, E, Hd, F, max(sum(row) for row in counts) // top_k, dtype)
     config = _config.lookup(KERNEL, key, default=DEFAULT_CONFIG, near=("T",))
     fits = valid_config(config) and config["num_chunks"] <= E // W
-    if fits and config.get("transport") == "copy" and workspace.supported(group, device):
+    if fits and config.get("transport") in ("copy", "flags") and workspace.supported(group, device):
         fits = False  # tuned where symmetric memory works, run where it does not (the same on every rank)
     return {**DEFAULT_CONFIG, **config} if fits else dict(DEFAULT_CONFIG)
 

@@ -154,10 +154,13 @@ class MoEExpertsFunction(torch.autograd.Function):
     """y[p] = SwiGLU(x[row_to_token[p]] @ w_gate_up[e]) @ w_down[e] for the rows p of expert e."""
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, row_to_token, copy_to_row, offsets):
+    def forward(ctx, x, w_gate_up, w_down, row_to_token, copy_to_row, offsets, flags=None):
+        # flags: None, or (ready, done) expert flags for the first GEMM's start and the second's end
+        # (grouped_gemm.py, "Expert flags"; the flags transport of moe_ffn_ep)
+        ready, done = flags if flags is not None else (None, None)
         need_x, need_wgu, need_wd = ctx.needs_input_grad[:3]
-        h, gu = gather_gemm_swiglu(x, w_gate_up, offsets, row_to_token, store_preact=need_x or need_wgu)
-        y = grouped_gemm_fwd(h, w_down, offsets)
+        h, gu = gather_gemm_swiglu(x, w_gate_up, offsets, row_to_token, store_preact=need_x or need_wgu, ready=ready)
+        y = grouped_gemm_fwd(h, w_down, offsets, done=done)
         ctx.save_for_backward(x, w_gate_up, w_down, row_to_token, copy_to_row, offsets, h if need_wd else None, gu)
         return y
 
@@ -174,7 +177,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                 dw_gate_up = grouped_gemm_dw(x[row_to_token.long()], dgu, offsets)
             if need_x:
                 dx = combine(grouped_gemm_dx(dgu, w_gate_up, offsets), copy_to_row)
-        return dx, dw_gate_up, dw_down, None, None, None
+        return dx, dw_gate_up, dw_down, None, None, None, None
 
 
 class MoECombineFunction(torch.autograd.Function):

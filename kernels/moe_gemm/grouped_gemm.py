@@ -29,6 +29,17 @@ strides of w's last two dims swapped) for dX = dY @ W^T. No copy, no transposed 
   from ``aux`` and stores ``dgate = dh * up * silu'(gate)`` at column n and ``dup = dh *
   silu(gate)`` at column F + n of C ``[M, 2F]``.
 
+Expert flags (the flags transport of ``moe_ffn_ep``, ``kernels/a2a_overlap/flags_exchange.py``):
+with ``ready`` (int32 ``[E]``) a program of expert e spins (``ld.acquire``) until
+``ready[e] != 0`` before its first load, so one launch over all experts starts each expert
+as soon as its rows have arrived; with ``done`` (int32 ``[E]``) every program, after its
+stores and a CTA barrier, adds its tile's element count to ``done[e]`` (release), which so
+reaches ``rows_e * N`` (the caller keeps that below 2**31) when expert e's rows of C are
+written, for a stream to wait on.
+Whoever sets ``ready`` must not need an SM (a copy engine, a stream memory op): spinning
+programs may hold every SM, and must be queued BEFORE the launch (the host may block in a
+launch, e.g. loading a module, until the device is idle).
+
 dW kernel (:func:`_grouped_gemm_dw_kernel`), ``C[e] = A[rows of e]^T @ B[rows of e]``
 (``[K, N]`` per expert): an output tile (expert, K tile, N tile) loops over its expert's
 rows in chunks of BLOCK_M. An expert with no rows runs no iteration and stores zeros.
@@ -147,7 +158,7 @@ def valid_dw_config(config: dict) -> bool:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a, b, c, offsets, a_rows, aux, a_desc, b_desc,
+    a, b, c, offsets, a_rows, aux, a_desc, b_desc, ready, done,
     N, K, NUM_PID_M,
     stride_am, stride_ak,
     stride_be, stride_bk, stride_bn,
@@ -157,7 +168,7 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, STORE_PREACT: tl.constexpr,
     EVEN_K: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr, B_T: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WAIT: tl.constexpr, SIGNAL: tl.constexpr, PTX: tl.constexpr,
 ):
     # GROUP_M-swizzled program order over (virtual M tile, N tile)
     pid = tl.program_id(0)
@@ -183,6 +194,10 @@ def _grouped_gemm_kernel(
     tile_start = tl.sum(tl.where(m_before, tiles, 0))
     row_start = tl.load(offsets + i_e - 1, mask=i_e > 0, other=0)
     row_end = tl.load(offsets + i_e)
+    if WAIT:  # expert i_e's rows of A are being delivered: wait for its flag
+        flag = _load_acquire(ready + i_e, PTX)
+        while flag == 0:
+            flag = _load_acquire(ready + i_e, PTX)
 
     # this tile's rows of C (a slice of expert i_e's group) and the A rows they read
     o_m = row_start + (i_m - tile_start) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -261,6 +276,23 @@ def _grouped_gemm_kernel(
         tl.store(p_c + N * stride_cn, (b_acc * b_g * b_s).to(c.dtype.element_ty), mask=m_c)
     else:
         tl.store(p_c, b_acc.to(c.dtype.element_ty), mask=m_c)
+    if SIGNAL:  # count this tile's stored elements into expert i_e's counter, after every thread's stores
+        tl.debug_barrier()
+        rows = tl.minimum(row_end - (row_start + (i_m - tile_start) * BLOCK_M), BLOCK_M)
+        cols = tl.minimum(N - i_n * BLOCK_N, BLOCK_N)
+        tl.atomic_add(done + i_e, rows * cols, sem="release")
+
+
+@triton.jit
+def _load_acquire(p, PTX: tl.constexpr):
+    """``*p`` (int32) with acquire semantics at GPU scope: a plain ``ld.acquire`` on the GPU (an
+    atomic read-modify-write in a spin slowed the GEMM by 4-6% on H200s), an atomic elsewhere
+    (the interpreter runs no PTX)."""
+    if PTX:
+        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return tl.atomic_add(p, 0, sem="acquire")
 
 
 @triton.jit
@@ -371,10 +403,12 @@ def _launch(
     a: torch.Tensor, b_strides: tuple[int, int, int], b: torch.Tensor, c: torch.Tensor, offsets: torch.Tensor,
     N: int, K: int, config: dict, *, a_rows: torch.Tensor | None = None, epilogue: str = "none",
     aux: torch.Tensor | None = None, store_preact: bool = False, b_transposed: bool = False,
+    ready: torch.Tensor | None = None, done: torch.Tensor | None = None,
 ) -> None:
     """One launch of :func:`_grouped_gemm_kernel` writing all M = c.shape[0] rows of c.
     ``b`` is the weight ``[E, R, C]``; ``b_transposed`` says the product reads ``w[e]^T``
-    (dX), whose strides ``b_strides`` then are w's with the last two swapped."""
+    (dX), whose strides ``b_strides`` then are w's with the last two swapped. ``ready`` /
+    ``done``: the expert flags (module docstring, "Expert flags")."""
     M, E = c.shape[0], offsets.shape[0]
     if M == 0 or N == 0:
         return
@@ -388,7 +422,7 @@ def _launch(
     a_desc = tensor_descriptor(a, [BM, BK]) if tma_a else None
     b_desc = tensor_descriptor(b_rows, [BN, BK] if b_transposed else [BK, BN]) if tma_b else None
     _grouped_gemm_kernel[grid](
-        a, b, c, offsets, a_rows, aux, a_desc, b_desc,
+        a, b, c, offsets, a_rows, aux, a_desc, b_desc, ready, done,
         N, K, num_pid_m,
         a.stride(0), a.stride(1),
         *b_strides,
@@ -398,6 +432,7 @@ def _launch(
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=config["GROUP_M"],
         HAS_GATHER=a_rows is not None, EPILOGUE=epilogue, STORE_PREACT=store_preact,
         EVEN_K=K % BK == 0, TMA_A=tma_a, TMA_B=tma_b, B_T=b_transposed, DOT_PRECISION=_dot_precision(a.dtype),
+        WAIT=ready is not None, SIGNAL=done is not None, PTX=a.is_cuda,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
@@ -411,16 +446,19 @@ def _weight_rows(w: torch.Tensor) -> torch.Tensor | None:
     return w.as_strided((E * R, C), (w.stride(1), 1))
 
 
-def grouped_gemm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def grouped_gemm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None,
+                     done: torch.Tensor | None = None) -> torch.Tensor:
     """``y[rows of e] = x[rows of e] @ w[e]``: x ``[M, K]``, w ``[E, K, N]``, offsets int32
     ``[E]`` group ends -> y ``[M, N]`` in x's dtype. Inputs are assumed validated
-    (``api.grouped_gemm`` checks them); any strides. ``config`` overrides the lookup."""
+    (``api.grouped_gemm`` checks them); any strides. ``config`` overrides the lookup.
+    ``done``: int32 ``[E]`` counters that reach ``rows_e * N`` once expert e's rows are stored
+    (module docstring, "Expert flags")."""
     M, K = x.shape
     E, _, N = w.shape
     key = bucket_key(E, N, K, M, x.dtype)
     config = _resolve(KERNEL, key, default_config(E, M), config, valid_config)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _launch(x, (w.stride(0), w.stride(1), w.stride(2)), w, y, offsets, N, K, config)
+    _launch(x, (w.stride(0), w.stride(1), w.stride(2)), w, y, offsets, N, K, config, done=done)
     return y
 
 
@@ -489,13 +527,14 @@ def _swiglu_config(config: dict) -> dict:
 
 def gather_gemm_swiglu(
     x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, x_rows: torch.Tensor, *,
-    store_preact: bool, config: dict | None = None,
+    store_preact: bool, config: dict | None = None, ready: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """moe_ffn's first GEMM: ``h[p] = silu(g) * u`` with ``[g, u] = x[x_rows[p]] @ w_gate_up[e]``
     for the rows p of expert e. x ``[T, Hd]``, w_gate_up ``[E, Hd, 2F]``, x_rows int32 ``[M]``.
     Returns h ``[M, F]`` and, if ``store_preact``, ``gu = [g, u]`` ``[M, 2F]`` (x's dtype).
     ``config`` (looked up in ``grouped_gemm_swiglu`` at N = 2F) tiles the [M, 2F] product;
-    its BLOCK_N is halved here."""
+    its BLOCK_N is halved here. ``ready``: int32 ``[E]`` flags; expert e's programs start once
+    ``ready[e] != 0`` (module docstring, "Expert flags")."""
     M = x_rows.shape[0]
     K = x.shape[1]
     E, _, N2 = w_gate_up.shape
@@ -506,7 +545,7 @@ def gather_gemm_swiglu(
     gu = torch.empty(M, N2, dtype=x.dtype, device=x.device) if store_preact else None
     w = w_gate_up
     _launch(x, (w.stride(0), w.stride(1), w.stride(2)), w, h, offsets, F, K, config,
-            a_rows=x_rows, epilogue="swiglu", aux=gu, store_preact=store_preact)
+            a_rows=x_rows, epilogue="swiglu", aux=gu, store_preact=store_preact, ready=ready)
     return h, gu
 
 

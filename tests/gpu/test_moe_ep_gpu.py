@@ -2,7 +2,8 @@
 
 Every child builds the same full inputs from a seed on its own GPU, runs moe_ffn_ep on its
 token slice and expert shard (NCCL all-to-all with num_chunks 1 and 4; the copy transport with
-1, 2 and 4) in bf16, backpropagates a fixed dout, and
+1, 2 and 4; the flags transport twice, the second call on the first's workspace) in bf16,
+backpropagates a fixed dout, and
 saves outputs and gradients; the parent compares them, concatenated over ranks, with
 single-process moe_ffn on the full weights (bf16, same kernels) and the float32 reference.
 Cases: balanced random routing; a rank that sends no tokens; experts of the last rank never
@@ -73,6 +74,8 @@ def _worker(rank: int, port: int, case: dict) -> dict:
     # 4 chunks twice in a row on the same workspace (the second call overwrites it)
     for key, C in (("copy1", 1), ("copy2", 2), ("copy4", 4), ("copy4-again", 4)):
         result[key] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=C, transport="copy")
+    for key in ("flags", "flags-again"):
+        result[key] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=1, transport="flags")
     torch.cuda.synchronize()
     dist.destroy_process_group()
     return result
@@ -105,7 +108,7 @@ def test_ep_nccl_matches_single_process(name, tmp_path):
     out = moe_ffn_ref(*ref_leaves, 2, dtype=torch.float32)
     out.backward(inp["dout"].float())
     want["moe_ffn_ref"] = {"out": out.detach().cpu()} | {n: t.grad.cpu() for n, t in zip(NAMES, ref_leaves)}
-    for key in ("ep1", "ep4", "copy1", "copy2", "copy4", "copy4-again"):
+    for key in ("ep1", "ep4", "copy1", "copy2", "copy4", "copy4-again", "flags", "flags-again"):
         got = {n: torch.cat([r[key][n] for r in results]) for n in ("out", *NAMES)}
         for ref_name, ref in want.items():
             for n, t in got.items():

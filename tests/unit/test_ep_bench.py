@@ -80,7 +80,7 @@ def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, mo
     records, bad = read_results(results / "moe_ffn_ep.jsonl")
     assert not bad
     names = sorted(r.extra["name"] for r in records if r.shape["T"] == 3)
-    assert names == ["chunks2-ctas0", "comm", "compute", "copy-chunks1", "copy-chunks2", "serial"]
+    assert names == ["chunks2-ctas0", "comm", "compute", "copy-chunks1", "copy-chunks2", "flags", "serial"]
     assert sorted(r.shape["T"] for r in records if r.provider == "ours") == [3, 5]  # one winner per T
     assert all(r.median_ms > 0 and r.shape["W"] == 2 for r in records)
     schedules = [r for r in records if r.extra["name"] not in ("comm", "compute")]

@@ -68,3 +68,6 @@ def test_transport_config_rules():
     assert schedule.valid_config({"num_chunks": 2, "comm_ctas": 0, "transport": "copy"})
     assert not schedule.valid_config({"num_chunks": 2, "comm_ctas": 16, "transport": "copy"})
     assert not schedule.valid_config({"num_chunks": 2, "comm_ctas": 0, "transport": "smoke"})
+    assert schedule.valid_config({"num_chunks": 1, "comm_ctas": 0, "transport": "flags"})
+    assert not schedule.valid_config({"num_chunks": 2, "comm_ctas": 0, "transport": "flags"})  # unchunked only
+    assert not schedule.valid_config({"num_chunks": 1, "comm_ctas": 8, "transport": "flags"})

@@ -3,7 +3,8 @@ spawned process per rank, Triton kernels in the interpreter in every child.
 
 Each child builds the SAME full inputs from a seed, takes its token slice and its expert
 shard, runs moe_ffn_ep (num_chunks 1 and 3, NCCL-style all-to-all on gloo and the copy
-transport over shared-memory workspaces) and the blocking reference moe_ffn_ep_ref,
+transport over shared-memory workspaces; with 1 chunk also the flags transport, whose GEMMs
+wait on and count per-expert flags) and the blocking reference moe_ffn_ep_ref,
 backpropagates a fixed random dout, and saves outputs and gradients. The parent compares
 them, concatenated over ranks, with single-process moe_ffn (fp32) and moe_ffn_ref (float64)
 on the full weights. A child that hangs is killed at the wall limit and the test fails.
@@ -123,6 +124,8 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         result["time"][f"ep{C}"] = time.perf_counter() - t
         # the copy transport: rows pulled from the peers' shared-memory workspaces
         result[f"copy{C}"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=C, transport="copy")
+        if C == 1:  # the flags transport (unchunked): the GEMMs check and count per-expert flags
+            result["flags1"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=1, transport="flags")
     if case.get("config_dir"):
         from kernels.a2a_overlap import api
 
@@ -169,6 +172,7 @@ def _check(case, results):
     single = _single_process(case)
     chunks = case.get("chunks", CHUNKS)
     keys = [f"{t}{C}" for C in chunks for t in ("ep", "copy")] + (["ref"] if case.get("ref", True) else [])
+    keys += ["flags1"] if 1 in chunks else []
     for key in keys:
         got = _gathered(results, key)
         for ref_name in ("moe_ffn", "moe_ffn_ref"):
@@ -315,6 +319,8 @@ def test_bad_arguments_raise_without_group():
         moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=1, transport="nvshmem")
     with pytest.raises(ValueError, match="copy transport has none"):
         moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=1, comm_ctas=8, transport="copy")
+    with pytest.raises(ValueError, match="flags transport runs unchunked"):
+        moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=2, transport="flags")
     with pytest.raises(ValueError, match="num_chunks = 5 exceeds"):
         moe_ffn_ep(x, logits, wgu, wd, 2, num_chunks=5)  # W = 1: 4 local experts
     with pytest.raises(ValueError, match="top_k"):

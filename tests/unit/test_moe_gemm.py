@@ -447,6 +447,26 @@ def test_swiglu_gemm_stores_the_pre_activations(device):
     assert_close("h (default config)", h2, torch.nn.functional.silu(g) * u, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("config", [cfg(16, 16, 16), cfg(32, 16, 32, G=2)], ids=["16x16x16", "32x16x32-g2"])
+def test_expert_flags(config, device):
+    """The flags transport's kernel side: with every ``ready`` flag set the waiting GEMM gives
+    the same result as without flags, and the signalling GEMM's ``done[e]`` reaches exactly
+    ``rows_e * N`` (empty experts included), whatever the tiling."""
+    counts, K, N = [5, 0, 19, 1], 40, 36
+    x, w, offsets = gemm_inputs(counts, K, N, torch.float32, device)
+    done = torch.zeros(len(counts), dtype=torch.int32, device=device)
+    y = grouped_gemm_fwd(x, w, offsets, config=config, done=done)
+    assert done.tolist() == [c * N for c in counts]
+    assert_close("y (signalling)", y, grouped_gemm_ref(x, w, offsets), TOLERANCE[torch.float32])
+    ready = torch.ones(len(counts), dtype=torch.int32, device=device)
+    w2 = torch.randn(len(counts), K, 2 * N, device=device)
+    x_rows = torch.randperm(sum(counts), device=device).to(torch.int32)
+    swiglu_config = {**config, "BLOCK_N": 2 * config["BLOCK_N"]}
+    h, _ = gather_gemm_swiglu(x, w2, offsets, x_rows, store_preact=False, config=swiglu_config, ready=ready)
+    h0, _ = gather_gemm_swiglu(x, w2, offsets, x_rows, store_preact=False, config=swiglu_config)
+    assert torch.equal(h, h0)
+
+
 def test_moe_ffn_zero_tokens(device):
     x, logits, w_gate_up, w_down = moe_inputs(0, 16, 16, 4, torch.float32, device)
     out = moe_ffn(x, logits, w_gate_up, w_down)

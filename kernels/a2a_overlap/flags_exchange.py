@@ -1,0 +1,176 @@
+"""The flags transport of ``moe_ffn_ep``: no chunks; per-expert flags between the copy engines
+and ONE launch of each expert GEMM over all local experts.
+
+Chunking (``copy_exchange.py``) overlaps chunk g+1's dispatch with chunk g's experts, but each
+chunk's GEMMs are smaller launches and the first dispatch and last combine stay exposed. Here
+the GEMMs run whole (grouped_gemm.py, "Expert flags"): the up GEMM's programs of expert j wait
+for ``ready[j]``, set by a stream memory op once the copy engines have pulled expert j's rows;
+the down GEMM's programs count their stored elements into ``done[j]``, and the combine stream
+waits (a stream memory op) for ``done[j] == rows_j * Hd`` before pushing expert j's outputs
+to the ranks they came from. So expert 0 starts as soon as its rows land and each expert's
+outputs leave while the next experts compute.
+
+Layout (rows of Hd elements; ``plan`` is the copy transport's, one chunk)::
+
+    rank r's workspace:  [ xs_r: M_r rows in routing order ][ ybuf_r: M_r rows, routing order ]
+
+Forward on rank me (compute stream = the caller's current stream)::
+
+    compute:   gather x's rows into xs_me; copy my own rows for my experts into recv (an SM
+               copy: a copy within one GPU does not run beside a spinning GEMM, so it
+               must finish first); barrier(0) (every xs written, every ybuf free); event
+    dispatch:  (after the event) per local expert j: pull its rows from every peer into recv
+               (copy engines, raw pointers), then ready[j] = 1      -- all issued BEFORE
+    compute:   the up GEMM (spins per expert), the down GEMM (counts per expert)
+    combine:   (after the event) per local expert j: wait done[j] >= rows_j * Hd, push its
+               output rows to each source's ybuf (peer writes); barrier(1) (every ybuf full)
+    compute:   wait for the combine stream; copy ybuf_me out (the caller keeps the result
+               while the next call reuses the workspace)
+
+The pulls and flags are queued before the GEMMs are launched: a spinning kernel may hold every
+SM, and a host call that blocks until the device is idle (a module load at a kernel's first
+launch) would otherwise deadlock with producers not yet issued. The barrier on the compute
+stream keeps the side streams' SM-using work (the barrier kernels, the local output copies)
+away from the spin: barrier(1) and the local pushes run once the down GEMM has started,
+after the up GEMM, which is the only one that spins.
+
+On CPU (gloo, the tests) the same steps run in order: the pulls and ``ready`` before the
+GEMMs, which then find every flag set, and the pushes after them, once each ``done`` counter
+is checked against its expected count (a GEMM that signals wrongly fails loudly here).
+
+Backward: the copy transport's (blocking exchanges on the group).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.a2a_overlap import memops
+from kernels.a2a_overlap.copy_exchange import CopyExchange
+from kernels.a2a_overlap.layout import ExchangePlan
+
+COUNTER_LIMIT = 2**31  # done[j] is an int32 counter of expert j's output elements
+
+
+class FlagsExchange(CopyExchange):
+    """One call's flags-transport state; host order (``api._ep_copy`` with one chunk):
+    :meth:`start` (gather, local rows, barrier, every pull and flag), the experts with
+    :attr:`flags`, :meth:`publish` (the combine's waits and pushes), :meth:`finish`."""
+
+    def __init__(self, plan: ExchangePlan, group, device: torch.device, Hd: int, dtype: torch.dtype):
+        if plan.C != 1:
+            raise ValueError(f"the flags transport runs one chunk, got {plan.C}")
+        big = [j for j in range(plan.E_l) if plan.total[plan.me * plan.E_l + j] * Hd >= COUNTER_LIMIT]
+        if big:
+            raise ValueError(f"the flags transport counts an expert's output elements in int32: local expert "
+                             f"{big[0]} receives {plan.total[plan.me * plan.E_l + big[0]]} rows of {Hd}")
+        super().__init__(plan, group, device, Hd, dtype)
+        E_l = plan.E_l
+        self.flags = (torch.zeros(E_l, dtype=torch.int32, device=device),
+                      torch.zeros(E_l, dtype=torch.int32, device=device))
+
+    @staticmethod
+    def rows_needed(plan: ExchangePlan) -> int:
+        return 2 * max(plan.M)  # [ xs | ybuf ]
+
+    def _expert_blocks(self, j: int):
+        """(source rank, row in its routing order, rows) of local expert j, sources in order."""
+        p = self.plan
+        e = p.me * p.E_l + j
+        return [(s, p.e_off[s][e], p.counts[s][e]) for s in range(p.W)]
+
+    def _recv_starts(self) -> list[int]:
+        """Where local expert j's rows start in recv (expert-major, source-minor)."""
+        p, starts = self.plan, [0]
+        for j in range(p.E_l):
+            starts.append(starts[-1] + p.total[p.me * p.E_l + j])
+        return starts
+
+    # -- forward -------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, x: torch.Tensor, row_to_token: torch.Tensor, gathered: bool) -> list[torch.Tensor]:
+        p, me, Hd = self.plan, self.plan.me, self.Hd
+        recv = torch.empty(sum(p.recv_splits[0]), Hd, dtype=self.dtype, device=self.device)
+        self.recvs = [recv]
+        if not gathered:
+            torch.index_select(x, 0, row_to_token.long(), out=self._rows(me, 0, p.M[me]))
+        starts = self._recv_starts()
+        for j in range(p.E_l):  # my own rows for my experts: an SM copy, before any spin
+            dst = starts[j] + sum(n for s, _, n in self._expert_blocks(j)[:me])
+            _, src, n = self._expert_blocks(j)[me]
+            if n:
+                recv[dst:dst + n].copy_(self._rows(me, src, n))
+        self.ws.barrier(0)  # every xs written, every ybuf free (the compute stream: see the module docstring)
+        ready, done = self.flags
+        if not self.cuda:
+            self._pull_all(recv, starts, None)
+            ready.fill_(1)
+            return self.recvs
+        started = torch.cuda.Event()
+        started.record()
+        for stream in (self.dispatch_stream, self.combine_stream):
+            stream.wait_event(started)
+        for t in (recv, ready):
+            t.record_stream(self.dispatch_stream)
+        self._pull_all(recv, starts, ready)
+        return self.recvs
+
+    def _pull_all(self, recv: torch.Tensor, starts: list[int], ready: torch.Tensor | None) -> None:
+        """Every peer's rows for every local expert into recv; on the GPU each expert's flag
+        after its pulls (dispatch stream), on the CPU in order (``ready`` None)."""
+        me = self.plan.me
+        for j in range(self.plan.E_l):
+            dst = starts[j]
+            for s, src, n in self._expert_blocks(j):
+                if n and s != me:
+                    if ready is None:
+                        recv[dst:dst + n].copy_(self._rows(s, src, n))
+                    else:
+                        memops.copy(recv[dst:dst + n], self._rows(s, src, n), self.dispatch_stream)
+                dst += n
+            if ready is not None:
+                memops.write_value32(ready[j:j + 1], 1, self.dispatch_stream)
+
+    def wait_dispatch(self, g: int) -> None:
+        """Nothing: the up GEMM's programs wait for their expert's flag."""
+
+    @torch.no_grad()
+    def publish(self, g: int, y_sorted: torch.Tensor) -> None:
+        """The experts are issued (``y_sorted`` in recv's order): per local expert, once its
+        outputs are stored, push each source's block to that source's ybuf."""
+        p, Hd = self.plan, self.Hd
+        _, done = self.flags
+        if self.cuda:
+            for t in (y_sorted, done):
+                t.record_stream(self.combine_stream)
+        starts = self._recv_starts()
+        for j in range(p.E_l):
+            expected = p.total[p.me * p.E_l + j] * Hd
+            if expected == 0:
+                continue
+            if self.cuda:
+                memops.wait_value32_geq(done[j:j + 1], expected, self.combine_stream)
+            elif int(done[j]) != expected:
+                raise RuntimeError(f"flags transport: local expert {j}'s GEMM counted {int(done[j])} output "
+                                   f"elements, expected {expected}")
+            src = starts[j]
+            for s, row, n in self._expert_blocks(j):
+                if n:
+                    dst = self._rows(s, p.M[s] + row, n)
+                    if self.cuda:
+                        memops.copy(dst, y_sorted[src:src + n], self.combine_stream)
+                    else:
+                        dst.copy_(y_sorted[src:src + n])
+                src += n
+
+    def finish(self) -> torch.Tensor:
+        """This rank's outputs ``[M, Hd]`` in routing order, copied out of ybuf once every rank
+        has pushed (barrier(1)); the next call may then reuse every workspace."""
+        me, M = self.plan.me, self.plan.M[self.plan.me]
+        with self._on(self.combine_stream):
+            self.ws.barrier(1)
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.combine_stream)
+            torch.cuda.current_stream().wait_stream(self.dispatch_stream)
+        ybuf = self._rows(me, M, M).clone()
+        self.recvs = None
+        return ybuf
