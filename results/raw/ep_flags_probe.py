@@ -30,7 +30,7 @@ flags must equal serial's bit for bit (checked first).
 
 The kernel is the tree's _grouped_gemm_kernel text-patched (WAIT/SIGNAL constexprs); not
 in the tree until this probe says it pays.
-Usage: PYTHONPATH=. python .dev/ep_flags_probe.py OUT.json [T_per_rank ...]
+Usage: PYTHONPATH=. python results/raw/ep_flags_probe.py OUT.json [T_per_rank ...]
 """
 import ctypes
 import functools
