@@ -59,31 +59,27 @@ class FlagsExchange(CopyExchange):
     def __init__(self, plan: ExchangePlan, group, device: torch.device, Hd: int, dtype: torch.dtype):
         if plan.C != 1:
             raise ValueError(f"the flags transport runs one chunk, got {plan.C}")
-        big = [j for j in range(plan.E_l) if plan.total[plan.me * plan.E_l + j] * Hd >= COUNTER_LIMIT]
-        if big:
-            raise ValueError(f"the flags transport counts an expert's output elements in int32: local expert "
-                             f"{big[0]} receives {plan.total[plan.me * plan.E_l + big[0]]} rows of {Hd}")
+        # checked over EVERY expert (every rank knows all counts), so all ranks raise or none
+        e_big = max(range(len(plan.total)), key=plan.total.__getitem__)
+        if plan.total[e_big] * Hd >= COUNTER_LIMIT:
+            raise ValueError(f"the flags transport counts an expert's output elements in int32: expert "
+                             f"{e_big} receives {plan.total[e_big]} rows of {Hd}")
         super().__init__(plan, group, device, Hd, dtype)
-        E_l = plan.E_l
-        self.flags = (torch.zeros(E_l, dtype=torch.int32, device=device),
-                      torch.zeros(E_l, dtype=torch.int32, device=device))
+        self.flags = (torch.zeros(plan.E_l, dtype=torch.int32, device=device),
+                      torch.zeros(plan.E_l, dtype=torch.int32, device=device))
+        # the copy transport's pulls (source rank, row in its routing order, row in recv, rows),
+        # grouped by local expert: each expert's flag follows its own blocks
+        ends = plan.expert_ends()
+        self._blocks: list[list[tuple[int, int, int, int]]] = [[] for _ in range(plan.E_l)]
+        j = 0
+        for block in plan.dispatch_pulls(0):
+            while block[2] >= ends[j]:  # past expert j's rows in recv (empty experts skipped)
+                j += 1
+            self._blocks[j].append(block)
 
     @staticmethod
     def rows_needed(plan: ExchangePlan) -> int:
         return 2 * max(plan.M)  # [ xs | ybuf ]
-
-    def _expert_blocks(self, j: int):
-        """(source rank, row in its routing order, rows) of local expert j, sources in order."""
-        p = self.plan
-        e = p.me * p.E_l + j
-        return [(s, p.e_off[s][e], p.counts[s][e]) for s in range(p.W)]
-
-    def _recv_starts(self) -> list[int]:
-        """Where local expert j's rows start in recv (expert-major, source-minor)."""
-        p, starts = self.plan, [0]
-        for j in range(p.E_l):
-            starts.append(starts[-1] + p.total[p.me * p.E_l + j])
-        return starts
 
     # -- forward -------------------------------------------------------------------------
     @torch.no_grad()
@@ -93,16 +89,14 @@ class FlagsExchange(CopyExchange):
         self.recvs = [recv]
         if not gathered:
             torch.index_select(x, 0, row_to_token.long(), out=self._rows(me, 0, p.M[me]))
-        starts = self._recv_starts()
-        for j in range(p.E_l):  # my own rows for my experts: an SM copy, before any spin
-            dst = starts[j] + sum(n for s, _, n in self._expert_blocks(j)[:me])
-            _, src, n = self._expert_blocks(j)[me]
-            if n:
-                recv[dst:dst + n].copy_(self._rows(me, src, n))
+        for blocks in self._blocks:  # my own rows for my experts: an SM copy, before any spin
+            for s, src, dst, n in blocks:
+                if s == me:
+                    recv[dst:dst + n].copy_(self._rows(me, src, n))
         self.ws.barrier(0)  # every xs written, every ybuf free (the compute stream: see the module docstring)
-        ready, done = self.flags
+        ready, _ = self.flags
         if not self.cuda:
-            self._pull_all(recv, starts, None)
+            self._pull_all(recv, None)
             ready.fill_(1)
             return self.recvs
         started = torch.cuda.Event()
@@ -111,22 +105,19 @@ class FlagsExchange(CopyExchange):
             stream.wait_event(started)
         for t in (recv, ready):
             t.record_stream(self.dispatch_stream)
-        self._pull_all(recv, starts, ready)
+        self._pull_all(recv, ready)
         return self.recvs
 
-    def _pull_all(self, recv: torch.Tensor, starts: list[int], ready: torch.Tensor | None) -> None:
+    def _pull_all(self, recv: torch.Tensor, ready: torch.Tensor | None) -> None:
         """Every peer's rows for every local expert into recv; on the GPU each expert's flag
         after its pulls (dispatch stream), on the CPU in order (``ready`` None)."""
-        me = self.plan.me
-        for j in range(self.plan.E_l):
-            dst = starts[j]
-            for s, src, n in self._expert_blocks(j):
-                if n and s != me:
+        for j, blocks in enumerate(self._blocks):
+            for s, src, dst, n in blocks:
+                if s != self.plan.me:
                     if ready is None:
                         recv[dst:dst + n].copy_(self._rows(s, src, n))
                     else:
                         memops.copy(recv[dst:dst + n], self._rows(s, src, n), self.dispatch_stream)
-                dst += n
             if ready is not None:
                 memops.write_value32(ready[j:j + 1], 1, self.dispatch_stream)
 
@@ -136,15 +127,15 @@ class FlagsExchange(CopyExchange):
     @torch.no_grad()
     def publish(self, g: int, y_sorted: torch.Tensor) -> None:
         """The experts are issued (``y_sorted`` in recv's order): per local expert, once its
-        outputs are stored, push each source's block to that source's ybuf."""
-        p, Hd = self.plan, self.Hd
+        outputs are stored, push each source's block to that source's ybuf (the pulls
+        reversed: the block at ``dst`` of recv goes to row ``src`` of the source's ybuf)."""
+        p = self.plan
         _, done = self.flags
         if self.cuda:
             for t in (y_sorted, done):
                 t.record_stream(self.combine_stream)
-        starts = self._recv_starts()
-        for j in range(p.E_l):
-            expected = p.total[p.me * p.E_l + j] * Hd
+        for j, blocks in enumerate(self._blocks):
+            expected = sum(n for *_, n in blocks) * self.Hd
             if expected == 0:
                 continue
             if self.cuda:
@@ -152,15 +143,12 @@ class FlagsExchange(CopyExchange):
             elif int(done[j]) != expected:
                 raise RuntimeError(f"flags transport: local expert {j}'s GEMM counted {int(done[j])} output "
                                    f"elements, expected {expected}")
-            src = starts[j]
-            for s, row, n in self._expert_blocks(j):
-                if n:
-                    dst = self._rows(s, p.M[s] + row, n)
-                    if self.cuda:
-                        memops.copy(dst, y_sorted[src:src + n], self.combine_stream)
-                    else:
-                        dst.copy_(y_sorted[src:src + n])
-                src += n
+            for s, src, dst, n in blocks:
+                to = self._rows(s, p.M[s] + src, n)
+                if self.cuda:
+                    memops.copy(to, y_sorted[dst:dst + n], self.combine_stream)
+                else:
+                    to.copy_(y_sorted[dst:dst + n])
 
     def finish(self) -> torch.Tensor:
         """This rank's outputs ``[M, Hd]`` in routing order, copied out of ybuf once every rank

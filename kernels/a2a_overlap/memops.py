@@ -3,9 +3,9 @@ copies issued by raw pointer and stream memory operations, none of which uses an
 
 - :func:`copy`: ``cuMemcpyAsync`` on a stream. Between two GPUs with peer access it runs on
   a copy engine and completes while a spinning kernel holds every SM; a copy within ONE GPU
-  does not (it waited behind the spin on H200s: ``results/raw/spin_copy_probe_session11_h200.json``),
-  so the flags transport never issues one where a spin could block it. Raw pointers also keep the host's issue time short
-  (microseconds per call, against tens for ``Tensor.copy_``), which the GEMM's start waits on.
+  does not (it waited behind the spin on H200s:
+  ``results/raw/spin_copy_probe_session11_h200.json``), so the flags transport never issues
+  one where a spin could block it.
 - :func:`write_value32`: ``cuStreamWriteValue32``: the stream sets a 32-bit word once its
   earlier work is done (an expert's rows have landed: its ``ready`` flag).
 - :func:`wait_value32_geq`: ``cuStreamWaitValue32`` (GEQ): later work on the stream waits

@@ -71,3 +71,19 @@ def test_transport_config_rules():
     assert schedule.valid_config({"num_chunks": 1, "comm_ctas": 0, "transport": "flags"})
     assert not schedule.valid_config({"num_chunks": 2, "comm_ctas": 0, "transport": "flags"})  # unchunked only
     assert not schedule.valid_config({"num_chunks": 1, "comm_ctas": 8, "transport": "flags"})
+
+
+def test_flags_counter_limit_raises_on_every_rank():
+    """The flags transport counts an expert's output elements in int32. An expert past that
+    limit makes EVERY rank raise (before any collective), not only its owner, so no rank
+    waits at a barrier the others never reach."""
+    import torch
+
+    from kernels.a2a_overlap.flags_exchange import COUNTER_LIMIT, FlagsExchange
+
+    W, E_l, Hd = 2, 2, 8
+    counts = [[1] * (W * E_l) for _ in range(W)]
+    counts[1][3] = COUNTER_LIMIT // Hd  # rank 1's local expert 1 receives too many rows
+    for me in range(W):
+        with pytest.raises(ValueError, match="expert 3 receives"):
+            FlagsExchange(ExchangePlan(counts, me, E_l, [0, E_l]), None, torch.device("cpu"), Hd, torch.float32)
