@@ -133,11 +133,13 @@ def _expand_experts(w: torch.Tensor, E: int) -> torch.Tensor:
 
 def _experts(rows, w_gate_up_local, w_down_local, order, inv, offsets, flags=None):
     """The local experts: ``y[i] = expert(rows[order[i]])``, rows ``order`` grouped by expert
-    (``offsets`` int32 group ends), ``inv`` the inverse of ``order``. Differentiable in rows
+    (``offsets`` int32 group ends), ``inv`` the inverse of ``order``; both None when rows are
+    already grouped (the copy transports deliver them so: no gather). Differentiable in rows
     and the weights. The GEMMs and nothing else (ep_bench times this as the experts' own time).
     ``flags``: the flags transport's per-expert (ready, done) (``flags_exchange.py``)."""
-    return MoEExpertsFunction.apply(rows, w_gate_up_local, w_down_local, order.to(torch.int32),
-                                    inv.to(torch.int32).view(-1, 1), offsets, flags)
+    if order is not None:
+        order, inv = order.to(torch.int32), inv.to(torch.int32).view(-1, 1)
+    return MoEExpertsFunction.apply(rows, w_gate_up_local, w_down_local, order, inv, offsets, flags)
 
 
 def moe_ffn_ep(
@@ -268,12 +270,11 @@ def _ep_copy(x, rt, w_gate_up_chunks, w_down_chunks, bounds, W, rank, group, kno
     xfer = exchange_cls(plan, group, dev, Hd, x.dtype)
     recvs = copy_exchange.CopyDispatch.apply(x, rt.row_to_token, rt.copy_to_row, xfer,
                                              xfer.ws is early)  # pulls chunk 0
-    identity = torch.arange(max([r.shape[0] for r in recvs] + [0]), device=dev)
     ys = []
     for g in range(C):
         xfer.wait_dispatch(g)
-        order = identity[:recvs[g].shape[0]]  # the pulls deliver rows expert-major
-        y_sorted = _experts(recvs[g], w_gate_up_chunks[g], w_down_chunks[g], order, order, xfer.expert_offsets(g),
+        # the pulls deliver the rows expert-major: no order to gather them by
+        y_sorted = _experts(recvs[g], w_gate_up_chunks[g], w_down_chunks[g], None, None, xfer.expert_offsets(g),
                             xfer.flags)
         # issued after chunk g's GEMMs so that the host launches those first (the pulls cost
         # host time per block); both run under chunk g's experts on the GPU

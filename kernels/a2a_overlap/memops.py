@@ -1,5 +1,10 @@
-"""CUDA driver calls torch does not expose, for the flags transport (``flags_exchange.py``):
-copies issued by raw pointer and stream memory operations, none of which uses an SM.
+"""Copies and flags by raw address, for the flags transport (``flags_exchange.py``): CUDA
+driver calls torch does not expose, none of which uses an SM, and their host equivalents.
+
+Addresses are ``data_ptr()`` values plus byte offsets: the transport computes every block's
+address once and issues each copy with one driver call, no tensor view (a view and a
+``copy_`` cost the host several times a driver call, and the issue sits between the count
+exchange and the GEMMs' launch).
 
 - :func:`copy`: ``cuMemcpyAsync`` on a stream. Between two GPUs with peer access it runs on
   a copy engine and completes while a spinning kernel holds every SM; a copy within ONE GPU
@@ -11,7 +16,8 @@ copies issued by raw pointer and stream memory operations, none of which uses an
 - :func:`wait_value32_geq`: ``cuStreamWaitValue32`` (GEQ): later work on the stream waits
   until a 32-bit counter reaches a value (a GEMM's ``done`` count for an expert).
 
-All take tensors (for their device pointers) and a ``torch.cuda.Stream``; errors raise
+``stream=None`` (:func:`copy`, :func:`write_value32`) does the same on the host at once, for
+CPU tensors (the gloo tests run the transport's own address arithmetic). Driver errors raise
 ``RuntimeError`` with the driver's result code.
 """
 from __future__ import annotations
@@ -41,25 +47,27 @@ def _check(name: str, rc: int) -> None:
         raise RuntimeError(f"{name} failed: CUresult {rc}")
 
 
-def _stream(stream: torch.cuda.Stream) -> ctypes.c_void_p:
-    return ctypes.c_void_p(stream.cuda_stream)
-
-
-def copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
-    """``dst <- src`` (contiguous, the same byte count; any GPUs the process can address)."""
-    if not (dst.is_contiguous() and src.is_contiguous()) or dst.nbytes != src.nbytes:
-        raise ValueError(f"memops.copy needs contiguous tensors of equal size, got {dst.nbytes} and {src.nbytes} bytes")
+def copy(dst: int, src: int, nbytes: int, stream: torch.cuda.Stream | None) -> None:
+    """``nbytes`` from address ``src`` to ``dst`` (any GPUs the process can address), after
+    ``stream``'s earlier work; ``stream`` None: host memory, now."""
+    if stream is None:
+        ctypes.memmove(dst, src, nbytes)
+        return
     f = _fn("cuMemcpyAsync", (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p))
-    _check("cuMemcpyAsync", f(dst.data_ptr(), src.data_ptr(), dst.nbytes, _stream(stream)))
+    _check("cuMemcpyAsync", f(dst, src, nbytes, ctypes.c_void_p(stream.cuda_stream)))
 
 
-def write_value32(word: torch.Tensor, value: int, stream: torch.cuda.Stream) -> None:
-    """``word`` (one int32 element of device memory) ``= value`` once ``stream``'s earlier work is done."""
+def write_value32(address: int, value: int, stream: torch.cuda.Stream | None) -> None:
+    """The int32 word at ``address`` ``= value`` once ``stream``'s earlier work is done;
+    ``stream`` None: host memory, now."""
+    if stream is None:
+        ctypes.c_int32.from_address(address).value = value
+        return
     f = _fn("cuStreamWriteValue32", (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint))
-    _check("cuStreamWriteValue32", f(_stream(stream), word.data_ptr(), value, _DEFAULT))
+    _check("cuStreamWriteValue32", f(ctypes.c_void_p(stream.cuda_stream), address, value, _DEFAULT))
 
 
-def wait_value32_geq(word: torch.Tensor, value: int, stream: torch.cuda.Stream) -> None:
-    """``stream``'s later work waits until ``word`` (one int32 element of device memory) ``>= value``."""
+def wait_value32_geq(address: int, value: int, stream: torch.cuda.Stream) -> None:
+    """``stream``'s later work waits until the int32 word at ``address`` (device memory) ``>= value``."""
     f = _fn("cuStreamWaitValue32", (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint))
-    _check("cuStreamWaitValue32", f(_stream(stream), word.data_ptr(), value, _WAIT_GEQ))
+    _check("cuStreamWaitValue32", f(ctypes.c_void_p(stream.cuda_stream), address, value, _WAIT_GEQ))

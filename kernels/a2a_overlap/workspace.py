@@ -39,6 +39,10 @@ class _Workspace:
         size = dtype.itemsize
         return self._bufs[rank][start * cols * size:(start + n) * cols * size].view(dtype).view(n, cols)
 
+    def data_ptr(self, rank: int) -> int:
+        """The address of rank's buffer in this process (a peer's: mapped here)."""
+        return self._bufs[rank].data_ptr()
+
 
 class _SymmetricWorkspace(_Workspace):
     def __init__(self, nbytes: int, group, device: torch.device):

@@ -151,7 +151,9 @@ class GroupedGemmFunction(torch.autograd.Function):
 
 
 class MoEExpertsFunction(torch.autograd.Function):
-    """y[p] = SwiGLU(x[row_to_token[p]] @ w_gate_up[e]) @ w_down[e] for the rows p of expert e."""
+    """y[p] = SwiGLU(x[row_to_token[p]] @ w_gate_up[e]) @ w_down[e] for the rows p of expert e.
+    ``row_to_token`` and ``copy_to_row`` None: x's rows are already grouped by expert (y[p]
+    from x[p]; the first GEMM loads A by TMA instead of gathering it, and dx needs no combine)."""
 
     @staticmethod
     def forward(ctx, x, w_gate_up, w_down, row_to_token, copy_to_row, offsets, flags=None):
@@ -174,9 +176,10 @@ class MoEExpertsFunction(torch.autograd.Function):
         if need_x or need_wgu:
             dgu = gemm_swiglu_bwd(dy, w_down, offsets, gu)
             if need_wgu:
-                dw_gate_up = grouped_gemm_dw(x[row_to_token.long()], dgu, offsets)
+                dw_gate_up = grouped_gemm_dw(x if row_to_token is None else x[row_to_token.long()], dgu, offsets)
             if need_x:
-                dx = combine(grouped_gemm_dx(dgu, w_gate_up, offsets), copy_to_row)
+                dx = grouped_gemm_dx(dgu, w_gate_up, offsets)
+                dx = dx if copy_to_row is None else combine(dx, copy_to_row)
         return dx, dw_gate_up, dw_down, None, None, None, None
 
 

@@ -531,12 +531,13 @@ def gather_gemm_swiglu(
     store_preact: bool, config: dict | None = None, ready: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """moe_ffn's first GEMM: ``h[p] = silu(g) * u`` with ``[g, u] = x[x_rows[p]] @ w_gate_up[e]``
-    for the rows p of expert e. x ``[T, Hd]``, w_gate_up ``[E, Hd, 2F]``, x_rows int32 ``[M]``.
+    for the rows p of expert e. x ``[T, Hd]``, w_gate_up ``[E, Hd, 2F]``, x_rows int32 ``[M]``,
+    or None for x's rows as they are (M = T, A loaded without a gather).
     Returns h ``[M, F]`` and, if ``store_preact``, ``gu = [g, u]`` ``[M, 2F]`` (x's dtype).
     ``config`` (looked up in ``grouped_gemm_swiglu`` at N = 2F) tiles the [M, 2F] product;
     its BLOCK_N is halved here. ``ready``: int32 ``[E]`` flags; expert e's programs start once
     ``ready[e] != 0`` (module docstring, "Expert flags")."""
-    M = x_rows.shape[0]
+    M = x_rows.shape[0] if x_rows is not None else x.shape[0]
     K = x.shape[1]
     E, _, N2 = w_gate_up.shape
     F = N2 // 2

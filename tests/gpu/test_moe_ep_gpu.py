@@ -2,7 +2,8 @@
 
 Every child builds the same full inputs from a seed on its own GPU, runs moe_ffn_ep on its
 token slice and expert shard (NCCL all-to-all with num_chunks 1 and 4; the copy transport with
-1, 2 and 4; the flags transport twice, the second call on the first's workspace) in bf16,
+1, 2 and 4; the flags transport twice, the second call on the first's workspace, and twice
+under no_grad, where its output is not copied out of the workspace) in bf16,
 backpropagates a fixed dout, and
 saves outputs and gradients; the parent compares them, concatenated over ranks, with
 single-process moe_ffn on the full weights (bf16, same kernels) and the float32 reference.
@@ -76,6 +77,11 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         result[key] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=C, transport="copy")
     for key in ("flags", "flags-again"):
         result[key] = _grads(moe_ffn_ep, leaves, inp["dout"][t0:t1], 2, num_chunks=1, transport="flags")
+    with torch.no_grad():  # the weighted sum reads the workspace in place (no copy out); the
+        # second call (after one on other tokens) rewrites every workspace under the same tensors
+        for x in (leaves[0].flip(0), leaves[0]):
+            out = moe_ffn_ep(x, *leaves[1:], 2, num_chunks=1, transport="flags")
+        result["flags-no-grad"] = {"out": out.cpu()}
     torch.cuda.synchronize()
     dist.destroy_process_group()
     return result
@@ -113,3 +119,6 @@ def test_ep_nccl_matches_single_process(name, tmp_path):
         for ref_name, ref in want.items():
             for n, t in got.items():
                 assert_close(f"{name} {key}.{n} vs {ref_name}", t.float(), ref[n].float(), BF16)
+    got = torch.cat([r["flags-no-grad"]["out"] for r in results])
+    for ref_name, ref in want.items():
+        assert_close(f"{name} flags-no-grad.out vs {ref_name}", got.float(), ref["out"].float(), BF16)

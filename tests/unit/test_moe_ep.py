@@ -47,18 +47,20 @@ def _inputs(case: dict) -> dict:
     }
 
 
-def _run_rank(fn, inp, rank, case, **kw):
-    """Run fn on this rank's slice/shard; return out and grads (x, logits, w_gate_up, w_down)."""
-    W, E = case["W"], case["E"]
-    E_l = E // W
+def _shard(inp, rank, case) -> list[torch.Tensor]:
+    """This rank's tokens and logits, and its experts' weights (copies)."""
+    E_l = case["E"] // case["W"]
     t0 = sum(case["tokens"][:rank])
     t1 = t0 + case["tokens"][rank]
-    leaves = [
-        inp["x"][t0:t1].clone().requires_grad_(),
-        inp["logits"][t0:t1].clone().requires_grad_(),
-        inp["w_gate_up"][rank * E_l:(rank + 1) * E_l].clone().requires_grad_(),
-        inp["w_down"][rank * E_l:(rank + 1) * E_l].clone().requires_grad_(),
-    ]
+    return [inp["x"][t0:t1].clone(), inp["logits"][t0:t1].clone(),
+            inp["w_gate_up"][rank * E_l:(rank + 1) * E_l].clone(), inp["w_down"][rank * E_l:(rank + 1) * E_l].clone()]
+
+
+def _run_rank(fn, inp, rank, case, **kw):
+    """Run fn on this rank's slice/shard; return out and grads (x, logits, w_gate_up, w_down)."""
+    t0 = sum(case["tokens"][:rank])
+    t1 = t0 + case["tokens"][rank]
+    leaves = [t.requires_grad_() for t in _shard(inp, rank, case)]
     out = fn(*leaves, case["top_k"], **kw)
     (out.double() * inp["dout"][t0:t1].double()).sum().backward()
     # None (a leaf autograd never reached: the reference's weights on a rank that receives
@@ -126,6 +128,12 @@ def _worker(rank: int, port: int, case: dict) -> dict:
         result[f"copy{C}"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=C, transport="copy")
         if C == 1:  # the flags transport (unchunked): the GEMMs check and count per-expert flags
             result["flags1"] = _run_rank(moe_ffn_ep, inp, rank, case, num_chunks=1, transport="flags")
+            with torch.no_grad():  # no copy out of the workspace: the weighted sum reads it in place,
+                # and the second call (other inputs first) rewrites every workspace under the same tensors
+                other = _inputs(dict(case, seed=case["seed"] + 100))
+                for args in (_shard(other, rank, case), _shard(inp, rank, case)):
+                    out = moe_ffn_ep(*args, case["top_k"], num_chunks=1, transport="flags")
+                result["flags1_no_grad"] = {"out": out}
     if case.get("config_dir"):
         from kernels.a2a_overlap import api
 
@@ -183,6 +191,10 @@ def _check(case, results):
                     assert t.abs().max().item() <= 1e-12 and single[ref_name][n].abs().max().item() <= 1e-12
                     continue
                 assert_close(f"{key}.{n} vs {ref_name}", t.double(), single[ref_name][n].double(), TOL)
+    if 1 in chunks:
+        got = torch.cat([r["flags1_no_grad"]["out"] for r in results])
+        for ref_name in ("moe_ffn", "moe_ffn_ref"):
+            assert_close(f"flags1_no_grad.out vs {ref_name}", got.double(), single[ref_name]["out"].double(), TOL)
     # chunked and unchunked agree (the same per-row arithmetic, so to round-off at most)
     for n, t in _gathered(results, f"ep{CHUNKS[-1]}").items():
         if n == "logits" and case["top_k"] == 1:
