@@ -14,10 +14,16 @@ a position in the expert-sorted order the grouped GEMMs read; ``M = T * k``):
     offsets      [E]    int32   group ends, ``cumsum(counts)``: expert e owns rows
                                 ``[offsets[e-1], offsets[e])`` (``offsets[-1] == M``)
 
-Everything is torch ops on the tensors' device and deterministic: the top-k is a stable
-descending sort of each token's probabilities (of equal probabilities the lower expert id
-wins), the grouping a stable sort of the expert ids, the offsets a ``searchsorted`` (no
-atomics, no histogram). Nothing here synchronises with the host.
+Three Triton launches after torch's softmax, deterministic, no atomics, no host sync (a chain
+of ~20 torch ops took about 1 ms of host time per call before, with the GPU idle behind it):
+
+- top-k (:func:`_topk_kernel`): per token, k rounds of "largest probability, lowest id among
+  equals" (what a stable descending sort keeps), and the renormalised weights;
+- grouping (:func:`_group`, a stable counting sort): one program per block of copies counts
+  each expert's copies in its block; then each block places its copies at
+  ``start of the expert + the expert's copies in earlier blocks + those earlier in this
+  block`` (a running sum over the block's one-hot tile), so rows of one expert stay in copy
+  (= token) order; the first block writes counts and offsets.
 
 The combine ``out[t] = sum_j weights[t, j] * y[copy_to_row[t, j]]`` is a Triton kernel
 (:func:`combine`) that sums the k copies of a token in slot order in fp32, so the result is
@@ -59,14 +65,115 @@ class Routing:
         return self.offsets.shape[0]
 
 
+# Ids x experts of the one-hot tile a grouping or top-k program holds (blocks are sized so
+# that BLOCK * next_pow2(E) is this; 8192 int32 is 64 registers a thread at 4 warps).
+_TILE = 8192
+
+
+@triton.jit
+def _topk_kernel(probs, experts, weights, T, E, stride_t, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                 E_POW2: tl.constexpr):
+    """experts[t, j]: the j-th largest of probs[t, :] (ties: the lower id; NaN first, as a
+    descending sort puts it); weights[t, j] = probs[t, experts[t, j]] / (sum of the k chosen)."""
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_e = tl.arange(0, E_POW2)
+    b_p = tl.load(probs + o_t.to(tl.int64)[:, None] * stride_t + o_e[None, :],
+                  mask=m_t[:, None] & (o_e < E)[None, :], other=-1.0)  # [BT, EP]; padding below every p >= 0
+    b_key = tl.where(b_p != b_p, float("inf"), b_p)
+    # two passes over the same selection: the sum of the chosen, then each one over it
+    b_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for i_pass in tl.static_range(2):
+        b_left = b_key
+        for j in tl.static_range(TOP_K):
+            b_best = tl.max(b_left, axis=1)  # [BT]
+            b_idx = tl.min(tl.where(b_left == b_best[:, None], o_e[None, :], E_POW2), axis=1)  # lowest id among equals
+            b_hit = o_e[None, :] == b_idx[:, None]  # [BT, EP]
+            b_top = tl.sum(tl.where(b_hit, b_p, 0.0), axis=1)  # [BT]
+            if i_pass == 0:
+                b_sum += b_top
+            else:
+                tl.store(experts + o_t * TOP_K + j, b_idx.to(tl.int64), mask=m_t)
+                tl.store(weights + o_t * TOP_K + j, b_top / b_sum, mask=m_t)
+            b_left = tl.where(b_hit, -2.0, b_left)  # taken: below the padding
+
+
+@triton.jit
+def _block_histogram_kernel(ids, hist, M, E, BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    """hist[b, e]: the ids equal to e among ids[b*BLOCK : (b+1)*BLOCK]."""
+    i_b = tl.program_id(0)
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    o_e = tl.arange(0, E_POW2)
+    b_id = tl.load(ids + o, mask=o < M, other=E_POW2)  # [B]; padding matches no group
+    b_hot = (b_id[:, None] == o_e[None, :]).to(tl.int32)  # [B, EP]
+    tl.store(hist + i_b * E + o_e, tl.sum(b_hot, axis=0), mask=o_e < E)
+
+
+@triton.jit
+def _group_scatter_kernel(ids, hist, order, inverse, ends, counts, order_div, M, E, NUM_BLOCKS,
+                          DIV: tl.constexpr, BLOCK: tl.constexpr, E_POW2: tl.constexpr, HIST_ROWS: tl.constexpr):
+    """A stable counting sort, block b's part: id i (group e) goes to row
+    ``ends[e-1] + (ids of group e in blocks before b) + (ids of group e before i in block b)``:
+    ``inverse[i] = row``, ``order[row] = i`` (and ``order_div[row] = i // DIV``). Block 0
+    also writes the group ends and counts."""
+    i_b = tl.program_id(0)
+    o_e = tl.arange(0, E_POW2)
+    m_e = o_e < E
+    # every block's histogram: the groups' totals, and the ids of each group in earlier blocks
+    b_total = tl.zeros([E_POW2], dtype=tl.int32)
+    b_before = tl.zeros([E_POW2], dtype=tl.int32)
+    for b0 in range(0, NUM_BLOCKS, HIST_ROWS):
+        o_b = b0 + tl.arange(0, HIST_ROWS)
+        b_h = tl.load(hist + o_b[:, None] * E + o_e[None, :], mask=(o_b < NUM_BLOCKS)[:, None] & m_e[None, :], other=0)
+        b_total += tl.sum(b_h, axis=0)
+        b_before += tl.sum(tl.where((o_b < i_b)[:, None], b_h, 0), axis=0)
+    b_end = tl.cumsum(b_total, axis=0)  # [EP] group ends
+    b_base = b_end - b_total + b_before  # [EP] this block's first row of each group
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < M
+    b_id = tl.load(ids + o, mask=m, other=E_POW2)
+    b_hot = (b_id[:, None] == o_e[None, :]).to(tl.int32)  # [B, EP]
+    b_rank = tl.cumsum(b_hot, axis=0) - b_hot  # earlier ids of the same group in this block
+    b_row = tl.sum(b_hot * (b_rank + b_base[None, :]), axis=1)  # [B]
+    tl.store(inverse + o, b_row, mask=m)
+    tl.store(order + b_row, o.to(tl.int64), mask=m)
+    if DIV > 0:
+        tl.store(order_div + b_row, o // DIV, mask=m)
+    if i_b == 0:
+        tl.store(ends + o_e, b_end, mask=m_e)
+        tl.store(counts + o_e, b_total, mask=m_e)
+
+
+def _group(ids: torch.Tensor, E: int, divide: int = 0):
+    """Stable grouping of ``ids [M]`` (ints in [0, E)): ``(order int64, inverse int32, ends
+    int32, counts int32, order // divide int32 or None)``. Two launches (block histograms,
+    then the scatter), no host sync."""
+    M, dev = ids.shape[0], ids.device
+    order = torch.empty(M, dtype=torch.int64, device=dev)
+    inverse = torch.empty(M, dtype=torch.int32, device=dev)
+    order_div = torch.empty(M, dtype=torch.int32, device=dev) if divide else None
+    if M == 0:
+        zeros = torch.zeros(E, dtype=torch.int32, device=dev)
+        return order, inverse, zeros, zeros.clone(), order_div
+    E_POW2 = triton.next_power_of_2(E)
+    block = min(max(16, _TILE // E_POW2), triton.next_power_of_2(M))
+    num_blocks = triton.cdiv(M, block)
+    ints = torch.empty(num_blocks * E + 2 * E, dtype=torch.int32, device=dev)  # [hist | ends | counts]
+    hist, ends, counts = ints[:num_blocks * E], ints[num_blocks * E:-E], ints[-E:]
+    _block_histogram_kernel[(num_blocks,)](ids, hist, M, E, BLOCK=block, E_POW2=E_POW2)
+    _group_scatter_kernel[(num_blocks,)](
+        ids, hist, order, inverse, ends, counts, order_div, M, E, num_blocks,
+        DIV=divide, BLOCK=block, E_POW2=E_POW2, HIST_ROWS=max(1, _TILE // E_POW2),
+    )
+    return order, inverse, ends, counts, order_div
+
+
 def group_by_expert(ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows' expert ids ``[M]`` (int) -> ``(order, inverse, ends)``, int64 on ids' device:
-    ``order`` lists the rows grouped by expert (a stable sort: rows of one expert keep their
-    order), ``inverse[order[i]] = i``, ``ends[e]`` the end of expert e's rows in that order."""
-    sorted_ids, order = torch.sort(ids, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.shape[0], device=ids.device)
-    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=ids.device, dtype=sorted_ids.dtype), right=True)
+    """Rows' expert ids ``[M]`` (int, in [0, E)) -> ``(order, inverse, ends)`` on ids' device:
+    ``order`` (int64) lists the rows grouped by expert (a stable sort: rows of one expert keep
+    their order), ``inverse[order[i]] = i`` (int32), ``ends[e]`` (int32) the end of expert e's
+    rows in that order. A counting sort in two launches (:func:`_group`)."""
+    order, inverse, ends, _, _ = _group(ids.contiguous(), E)
     return order, inverse, ends
 
 
@@ -79,37 +186,51 @@ def group_received(counts: torch.Tensor, rows: int | None = None) -> tuple[torch
     return group_by_expert(ids, E)
 
 
+class _TopK(torch.autograd.Function):
+    """probs ``[T, E]`` (fp32) -> (experts ``[T, k]`` int64, weights ``[T, k]`` fp32) by
+    :func:`_topk_kernel`; differentiable in probs through the weights: with ``S`` the sum of
+    the chosen probabilities, ``dprobs[t, experts[t, j]] = (dw[t, j] - sum_i dw[t, i] *
+    weights[t, i]) / S`` and 0 elsewhere (exactly 0 for k = 1, where every weight is 1)."""
+
+    @staticmethod
+    def forward(ctx, probs, top_k):
+        T, E = probs.shape
+        experts = torch.empty(T, top_k, dtype=torch.int64, device=probs.device)
+        weights = torch.empty(T, top_k, dtype=torch.float32, device=probs.device)
+        if T:
+            E_POW2 = triton.next_power_of_2(E)
+            block_t = min(max(1, _TILE // E_POW2), triton.next_power_of_2(T))
+            _topk_kernel[(triton.cdiv(T, block_t),)](probs, experts, weights, T, E, probs.stride(0),
+                                                     TOP_K=top_k, BLOCK_T=block_t, E_POW2=E_POW2)
+        ctx.mark_non_differentiable(experts)
+        ctx.save_for_backward(probs, experts, weights)
+        return experts, weights
+
+    @staticmethod
+    def backward(ctx, _, dw):
+        probs, experts, weights = ctx.saved_tensors
+        total = probs.gather(1, experts).sum(dim=-1, keepdim=True)
+        dtop = (dw - (dw * weights).sum(dim=-1, keepdim=True)) / total
+        return torch.zeros_like(probs).scatter_(1, experts, dtop), None
+
+
 def route(router_logits: torch.Tensor, top_k: int) -> Routing:
-    """Softmax over the E logits (fp32), top-k by a stable descending sort, renormalised
-    weights, and the expert-grouped permutation of the T*k copies. Differentiable in the
-    logits through ``weights``; the index arrays carry no gradient. Inputs are not checked
-    here (``api.moe_ffn`` does)."""
+    """Softmax over the E logits (fp32, torch), the top-k of each token with renormalised
+    weights (one kernel), and the expert-grouped permutation of the T*k copies (a counting
+    sort, two kernels). Differentiable in the logits through ``weights``; the index arrays
+    carry no gradient. Inputs are not checked here (``api.moe_ffn`` does)."""
     T, E = router_logits.shape
-    M = T * top_k
-    device = router_logits.device
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
-    with torch.no_grad():
-        # stable: among equal probabilities the lower expert id comes first (torch.topk makes no such promise)
-        experts = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k]
-    top = probs.gather(1, experts)  # [T, k]
-    if top_k == 1:
-        # one renormalised weight is exactly 1: its gradient is exactly 0 (not the round-off
-        # of top / top), and the logits stay connected, so they get zeros rather than None
-        weights = top * 0.0 + 1.0
-    else:
-        weights = top / top.sum(dim=-1, keepdim=True)
-    with torch.no_grad():
-        row_to_copy, copy_to_row, offsets = group_by_expert(experts.reshape(-1), E)  # [M], [M], [E]
-        row_to_token = torch.div(row_to_copy, top_k, rounding_mode="floor").to(torch.int32)
-        counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    experts, weights = _TopK.apply(probs, top_k)  # [T, k] each
+    row_to_copy, copy_to_row, offsets, counts, row_to_token = _group(experts.view(-1), E, divide=top_k)
     return Routing(
         weights=weights,
         experts=experts,
         row_to_copy=row_to_copy,
         row_to_token=row_to_token,
-        copy_to_row=copy_to_row.to(torch.int32).view(T, top_k),
-        counts=counts.to(torch.int32),
-        offsets=offsets.to(torch.int32),
+        copy_to_row=copy_to_row.view(T, top_k),
+        counts=counts,
+        offsets=offsets,
     )
 
 

@@ -2,7 +2,7 @@
 (2 GPUs, NCCL, MiniMax shapes) for the serial NCCL path and the flags transport: each phase
 function is wrapped to record host perf_counter and a CUDA event (current stream) at entry
 and exit. Prints rank 0's timeline (ms from the call's start): host time | GPU time.
-Usage: PYTHONPATH=. python results/raw/ep_phases_probe.py OUT.json T [T ...]"""
+Usage: PYTHONPATH=. python .dev/ep_phases_probe.py OUT.json T [T ...]"""
 import json
 import os
 import socket
@@ -73,6 +73,15 @@ def main_rank(rank, W, port, Ts, out):
                                  "phases": [(lab, round(1e3 * (h - h0), 3), round(st.elapsed_time(ev), 3))
                                             for lab, h, ev in trace]})
                 res[f"{transport}_T{T}"] = rows
+                # one call under the profiler: host syncs (cudaStreamSynchronize, cudaMemcpy DtoH) and op host times
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run()
+                    torch.cuda.synchronize()
+                if rank == 0:
+                    with open(out.replace(".json", f"_{transport}_T{T}_profile.txt"), "w") as f:
+                        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60))
+                    prof.export_chrome_trace(out.replace(".json", f"_{transport}_T{T}_trace.json"))
     if rank == 0:
         json.dump(res, open(out, "w"), indent=1)
         for k, rows in res.items():

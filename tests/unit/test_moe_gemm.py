@@ -273,7 +273,10 @@ def test_valid_config():
 
 # --------------------------------------------------------------------------- routing
 
-@pytest.mark.parametrize("T,E,k", [(50, 8, 1), (50, 8, 2), (33, 5, 3), (20, 4, 4), (1, 6, 2)], ids=str)
+# the last two: many top-k and grouping blocks (E = 8: 1024 tokens and copies per block),
+# and E = 100 (128 columns: 64 tokens / copies per block, the histograms read in 3 passes)
+@pytest.mark.parametrize("T,E,k", [(50, 8, 1), (50, 8, 2), (33, 5, 3), (20, 4, 4), (1, 6, 2), (2100, 8, 2),
+                                   (4200, 100, 3)], ids=str)
 def test_routing_invariants(T, E, k, device):
     logits = torch.randn(T, E, device=device)
     r = route(logits, k)
@@ -309,6 +312,32 @@ def test_routing_invariants(T, E, k, device):
     ref_experts, ref_weights = route_ref(logits, k)
     assert torch.equal(r.experts, ref_experts)
     assert_close("weights", r.weights, ref_weights, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_routing_weights_gradient(k, device):
+    # the top-k kernel's backward vs autograd through the float64 reference's softmax and renormalisation
+    logits = torch.randn(70, 6, device=device)
+    dw = torch.randn(70, k, device=device)
+    mine = logits.clone().requires_grad_()
+    route(mine, k).weights.backward(dw)
+    ref = logits.double().requires_grad_()
+    route_ref(ref, k)[1].backward(dw.double())
+    if k == 1:
+        assert torch.equal(mine.grad, torch.zeros_like(mine.grad))  # every weight is exactly 1
+    else:
+        assert_close("dlogits", mine.grad, ref.grad, TOLERANCE[torch.float32])
+
+
+def test_routing_nan_logits_choose_valid_experts(device):
+    # a NaN logit makes its token's probabilities all NaN: NaN comes first (as a descending
+    # sort puts it), ties to the lower id, so ids stay in [0, E) and no row is lost
+    logits = torch.randn(9, 5, device=device)
+    logits[3, 2] = float("nan")
+    r = route(logits, 2)
+    assert r.experts[3].tolist() == [0, 1] and r.weights[3].isnan().all()
+    assert ((r.experts >= 0) & (r.experts < 5)).all() and r.offsets[-1].item() == 18
+    assert torch.equal(r.row_to_copy.sort().values, torch.arange(18, device=device))
 
 
 def test_routing_ties_are_deterministic(device):
