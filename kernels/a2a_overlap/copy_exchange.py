@@ -88,8 +88,10 @@ class CopyExchange:
         if g not in self._orders:
             p = self.plan
             lo, hi = p.me * p.E_l + p.bounds[g], p.me * p.E_l + p.bounds[g + 1]  # this rank's chunk-g experts
-            perm, inv, _ = group_received(torch.tensor([c[lo:hi] for c in p.counts]))
-            self._orders[g] = perm.to(self.device), inv.to(self.device)
+            counts = [c[lo:hi] for c in p.counts]
+            # on the device: the grouping is a Triton kernel
+            perm, inv, _ = group_received(torch.tensor(counts, device=self.device), sum(map(sum, counts)))
+            self._orders[g] = perm, inv
         return self._orders[g]
 
     def _on(self, stream):

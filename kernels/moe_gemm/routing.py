@@ -94,7 +94,8 @@ def _topk_kernel(probs, experts, weights, T, E, stride_t, TOP_K: tl.constexpr, B
                 b_sum += b_top
             else:
                 tl.store(experts + o_t * TOP_K + j, b_idx.to(tl.int64), mask=m_t)
-                tl.store(weights + o_t * TOP_K + j, b_top / b_sum, mask=m_t)
+                # IEEE division (Triton's `/` is approximate on GPUs): top-1's p / p is exactly 1
+                tl.store(weights + o_t * TOP_K + j, tl.math.div_rn(b_top, b_sum), mask=m_t)
             b_left = tl.where(b_hit, -2.0, b_left)  # taken: below the padding
 
 
@@ -171,10 +172,10 @@ def _group(ids: torch.Tensor, E: int, divide: int = 0):
 def group_by_expert(ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows' expert ids ``[M]`` (int, in [0, E)) -> ``(order, inverse, ends)`` on ids' device:
     ``order`` (int64) lists the rows grouped by expert (a stable sort: rows of one expert keep
-    their order), ``inverse[order[i]] = i`` (int32), ``ends[e]`` (int32) the end of expert e's
+    their order), ``inverse[order[i]] = i`` (int64), ``ends[e]`` (int32) the end of expert e's
     rows in that order. A counting sort in two launches (:func:`_group`)."""
     order, inverse, ends, _, _ = _group(ids.contiguous(), E)
-    return order, inverse, ends
+    return order, inverse.long(), ends
 
 
 def group_received(counts: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
