@@ -621,13 +621,13 @@ def test_tunables_check_against_their_references():
     assert not moe.TUNABLE_SWIGLU.is_valid({**moe.default_config_fwd(shape), "BLOCK_N": 16}, shape)  # halved to 8
 
 
-def test_zipf_routing_is_skewed():
+def test_zipf_routing_is_skewed(device):
     from autotune.moe import routing_logits
 
     torch.manual_seed(0)
-    counts = route(routing_logits(20000, 32, "zipf", "cpu"), 2).counts
+    counts = route(routing_logits(20000, 32, "zipf", device), 2).counts
     assert 0.45 < counts[0].item() / 20000 < 0.55  # expert 0 takes half the tokens
-    counts = route(routing_logits(20000, 32, "random", "cpu"), 2).counts
+    counts = route(routing_logits(20000, 32, "random", device), 2).counts
     assert counts.max().item() / 40000 < 0.05
 
 
