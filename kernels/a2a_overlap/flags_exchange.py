@@ -31,13 +31,12 @@ Forward on rank me (compute stream = the caller's current stream)::
 
 Each copy is one driver call by address (``memops``): the local copies and the pulls are
 issued between the count exchange's host sync and the GEMMs' launch, while the GPU waits for
-the host. The pulls and flags are queued
-before the GEMMs are launched: a spinning kernel may hold every SM, and a host call that
-blocks until the device is idle (a module load at a kernel's first launch) would otherwise
-deadlock with producers not yet issued. The barrier on the compute
-stream keeps the side streams' SM-using work (the barrier kernels, the local output copies)
-away from the spin: barrier(1) and the local pushes run once the down GEMM has started,
-after the up GEMM, which is the only one that spins.
+the host. The pulls and flags are queued before the GEMMs are launched: a spinning kernel may
+hold every SM, and a host call that blocks until the device is idle (a module load at a
+kernel's first launch) would otherwise deadlock with producers not yet issued. The barrier on
+the compute stream keeps the side streams' SM-using work (the barrier kernels, the local
+output copies) away from the spin: barrier(1) and the local pushes run once the down GEMM
+has started, after the up GEMM, which is the only one that spins.
 
 On CPU (gloo, the tests) the same steps run in order: the pulls and ``ready`` before the
 GEMMs, which then find every flag set, and the pushes after them, once each ``done`` counter

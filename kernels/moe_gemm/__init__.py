@@ -2,10 +2,11 @@
 
 Pipeline (T tokens of width Hd, E experts, top k, M = T * k token copies):
 
-1. Routing (``routing.route``, torch ops, no host sync): ``probs = softmax(logits)`` in fp32;
-   the k largest per token by a stable descending sort (ties: lower expert id); ``weights``
-   ``[T, k]`` = those probabilities renormalised to sum 1. The copies ``c = t * k + j`` are
-   stably sorted by expert: ``row_to_copy [M]`` (copy of each expert-ordered row),
+1. Routing (``routing.route``: torch's softmax and three Triton launches, no host sync):
+   ``probs = softmax(logits)`` in fp32; the k largest per token, ties to the lower expert id
+   (what a stable descending sort keeps); ``weights`` ``[T, k]`` = those probabilities
+   renormalised to sum 1. The copies ``c = t * k + j`` are stably sorted by expert (a
+   counting sort): ``row_to_copy [M]`` (copy of each expert-ordered row),
    ``row_to_token [M]`` int32 (= row_to_copy // k, the gather index), ``copy_to_row [T, k]``
    int32 (the inverse permutation, the combine's index map), ``counts [E]`` and ``offsets
    [E]`` int32 group ends (expert e owns rows ``[offsets[e-1], offsets[e])``).
