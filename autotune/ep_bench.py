@@ -10,6 +10,8 @@ top-2, hidden 6144, expert hidden 9216, bf16, random router logits), every rank 
 - ``comm``: the dispatch and the combine all-to-all of the serial schedule, nothing else;
 - ``compute``: the local experts on the rows the dispatch delivered (the grouped GEMMs with
   the gather and SwiGLU fused in; the sort by expert is done outside the timed region);
+- ``compute_grouped``: the same GEMMs on those rows already sorted by expert (no gather: the
+  up GEMM loads them through TMA), as the copy and flags transports deliver them;
 - ``serial``: ``moe_ffn_ep`` with one chunk (exchange, experts, exchange back);
 - ``chunks{C}-ctas{K}``: the overlap schedule with C chunks (groups of local experts, C <= E/W;
   larger C are skipped) and NCCL limited to K CTAs (K = 0: NCCL's own choice);
@@ -29,7 +31,8 @@ ours) / comm. Each schedule is also run 5 more times (interleaved too) with CUDA
 every chunk's experts (the local GEMMs, inside the schedule, while the exchanges of other
 chunks run beside them): the experts' own time under overlap, whose slowdown against
 ``compute`` is the second number issue 6 bounds (``expert_slowdown`` = experts under overlap
-/ compute - 1). Because chunked GEMMs can run faster than serial's one launch, (serial - ours)
+/ compute - 1, where compute is ``compute_grouped`` for the copy and flags transports, whose
+experts run the ungathered GEMMs, and ``compute`` for NCCL). Because chunked GEMMs can run faster than serial's one launch, (serial - ours)
 / comm can pass 100%; ``hidden_outside_experts`` (see :func:`summarise`) subtracts each
 schedule's own experts time first and is the stricter number.
 
@@ -176,7 +179,8 @@ def _inputs(T: int, dims: dict, rank: int, device: str, dtype: torch.dtype, W: i
 
 
 def _serial_parts(inp: dict, dims: dict, W: int):
-    """(comm(), compute()) closures on the serial schedule's routed rows (one chunk)."""
+    """(comm(), compute(), compute_grouped()) closures on the serial schedule's routed rows
+    (one chunk)."""
     import torch.distributed as dist
 
     from kernels.a2a_overlap.api import _experts
@@ -194,6 +198,7 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     recv = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
     perm, inv, ends = group_received(recv_counts)  # the rows' order for the experts, outside the timed region
     order = perm, inv, ends.to(torch.int32)
+    grouped = recv[perm]  # the rows as the copy transports deliver them
 
     def comm():
         back = start_exchange(xs, send, recv_splits, None, "dispatch").wait()
@@ -202,7 +207,10 @@ def _serial_parts(inp: dict, dims: dict, W: int):
     def compute():
         return _experts(recv, inp["w_gate_up"], inp["w_down"], *order)
 
-    return comm, compute
+    def compute_grouped():
+        return _experts(grouped, inp["w_gate_up"], inp["w_down"], None, None, order[2])
+
+    return comm, compute, compute_grouped
 
 
 def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: str) -> None:
@@ -238,7 +246,7 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                 run = lambda C, K, X="nccl": moe_ffn_ep(inp["x"], inp["logits"], inp["w_gate_up"],  # noqa: E731
                                                         inp["w_down"], dims["top_k"], num_chunks=C, comm_ctas=K,
                                                         transport=X)
-                comm, compute = _serial_parts(inp, dims, W)
+                comm, compute, compute_grouped = _serial_parts(inp, dims, W)
                 serial_out = run(1, 0)
                 schedules = {"serial": ({"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"}, None)}
                 for C, K, X in candidates:  # each checked against serial before it is timed
@@ -252,12 +260,13 @@ def _rank_main(rank: int, W: int, port: int, args: argparse.Namespace, outdir: s
                 # under the power cap, back-to-back GEMMs ("compute", serial) run at lower SM
                 # clocks than GEMMs with gaps between them (the chunked schedules)
                 with TelemetrySampler(index=rank) as sampler:
-                    times = timer({"comm": comm, "compute": compute, **calls})
+                    times = timer({"comm": comm, "compute": compute, "compute_grouped": compute_grouped, **calls})
                     experts = experts_clock(calls)
                 telemetry = [None] * W
                 dist.all_gather_object(telemetry, sampler.summary())
                 rows.append({"T": T, "name": "comm", "times": times["comm"]})
                 rows.append({"T": T, "name": "compute", "times": times["compute"]})
+                rows.append({"T": T, "name": "compute_grouped", "times": times["compute_grouped"]})
                 for name, (config, err) in schedules.items():
                     rows.append({"T": T, "name": name, "config": config, "times": times[name],
                                  "experts_times": experts[name], **({} if err is None else {"rel_err": err})})
@@ -288,7 +297,9 @@ def summarise(rows: list[dict]) -> dict[int, dict]:
     configs, other clocks under the power cap) push it past 100%. ``hidden_outside_experts``
     = ((serial - its experts) - (ours - its experts)) / comm compares only the time each
     schedule spends outside its experts' GEMMs (communication, waits, routing, copies), so
-    the experts' speed cancels; their slowdown is reported apart (``expert_slowdown``)."""
+    the experts' speed cancels; their slowdown is reported apart (``expert_slowdown``),
+    against the GEMMs alone on the same path: ``compute_grouped`` (no gather) for the copy and
+    flags transports when it was measured, else ``compute``."""
     out = {}
     for T in sorted({r["T"] for r in rows}):
         at_T = {r["name"]: r for r in rows if r["T"] == T}
@@ -300,11 +311,14 @@ def summarise(rows: list[dict]) -> dict[int, dict]:
         outside = None
         if med["comm"] > 0 and experts is not None and "serial" in experts_of:
             outside = ((med["serial"] - experts_of["serial"]) - (ours - experts)) / med["comm"]
+        grouped = best["config"].get("transport") in ("copy", "flags") and "compute_grouped" in med
+        alone = med["compute_grouped"] if grouped else med["compute"]
         out[T] = {"medians": med, "best": best, "ours_ms": ours, "experts_ms": experts,
                   "serial_experts_ms": experts_of.get("serial"),
                   "hidden": (med["serial"] - ours) / med["comm"] if med["comm"] > 0 else None,
                   "hidden_outside_experts": outside,
-                  "expert_slowdown": experts / med["compute"] - 1.0 if experts is not None else None}
+                  "experts_alone_ms": alone,
+                  "expert_slowdown": experts / alone - 1.0 if experts is not None else None}
     return out
 
 
@@ -345,7 +359,8 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
         entries.append({
             "key": schedule.bucket_key(W, dims["E"], dims["Hd"], dims["F"], T, dtype), "config": s["best"]["config"],
             "median_ms": s["ours_ms"], "default_ms": s["medians"]["serial"], "comm_ms": s["medians"]["comm"],
-            "compute_ms": s["medians"]["compute"], "hidden_fraction": s["hidden"],
+            "compute_ms": s["medians"]["compute"], "compute_grouped_ms": s["medians"].get("compute_grouped"),
+            "hidden_fraction": s["hidden"],
             "hidden_outside_experts": s["hidden_outside_experts"],
             "experts_ms": s["experts_ms"], "serial_experts_ms": s["serial_experts_ms"],
             "expert_slowdown": s["expert_slowdown"],
@@ -371,7 +386,8 @@ def _save(result: dict, args: argparse.Namespace, wall_s: float) -> None:
         print(f"T={T}: comm {m['comm']:.3f} ms, compute {m['compute']:.3f}, serial {m['serial']:.3f}, "
               f"ours {s['ours_ms']:.3f} ({s['best']['name']}): {_pct(s['hidden'], '.0f')} of comm hidden "
               f"({_pct(s['hidden_outside_experts'], '.0f')} outside the experts), experts "
-              f"{s['experts_ms'] or float('nan'):.3f} ms under it ({_pct(s['expert_slowdown'], '+.1f')}; "
+              f"{s['experts_ms'] or float('nan'):.3f} ms under it ({_pct(s['expert_slowdown'], '+.1f')} vs "
+              f"{s['experts_alone_ms']:.3f} alone; "
               f"serial's {s['serial_experts_ms'] or float('nan'):.3f})", flush=True)
     for rank, t in result.get("telemetry", {}).items():
         if "sm_clock_mhz" in t:

@@ -58,6 +58,22 @@ def test_hidden_outside_experts_discounts_faster_chunked_experts():
     assert s["expert_slowdown"] == pytest.approx(17.8 / 19.4 - 1)
 
 
+def test_expert_slowdown_compares_the_same_gemm_path():
+    """The copy and flags transports run the experts on rows that arrive grouped (no gather):
+    their slowdown is against compute_grouped; NCCL schedules' against the gathered compute."""
+    rows = [
+        _row(8192, "comm", 1.0), _row(8192, "compute", 10.0), _row(8192, "compute_grouped", 9.0),
+        _row(8192, "serial", 12.0, {"num_chunks": 1, "comm_ctas": 0, "transport": "nccl"}, experts_ms=10.1),
+        _row(8192, "flags", 10.5, {"num_chunks": 1, "comm_ctas": 0, "transport": "flags"}, 0.0, experts_ms=9.3),
+    ]
+    s = ep_bench.summarise(rows)[8192]
+    assert s["best"]["name"] == "flags" and s["experts_alone_ms"] == pytest.approx(9.0)
+    assert s["expert_slowdown"] == pytest.approx(9.3 / 9.0 - 1)  # +3%, not -7% against the gathered 10.0
+    rows[-1]["times"] = [13.0] * 3  # serial wins: its own (gathered) path
+    s = ep_bench.summarise(rows)[8192]
+    assert s["best"]["name"] == "serial" and s["expert_slowdown"] == pytest.approx(10.1 / 10.0 - 1)
+
+
 def test_timer_interleaves_repetitions(monkeypatch):
     """Repetition r runs every closure once (after one warm-up each), so drift during a run
     does not fall on whichever closure is measured last."""
@@ -80,10 +96,11 @@ def test_cpu_pipeline_writes_results_and_a_config_the_runtime_reads(tmp_path, mo
     records, bad = read_results(results / "moe_ffn_ep.jsonl")
     assert not bad
     names = sorted(r.extra["name"] for r in records if r.shape["T"] == 3)
-    assert names == ["chunks2-ctas0", "comm", "compute", "copy-chunks1", "copy-chunks2", "flags", "serial"]
+    assert names == ["chunks2-ctas0", "comm", "compute", "compute_grouped", "copy-chunks1", "copy-chunks2", "flags",
+                     "serial"]
     assert sorted(r.shape["T"] for r in records if r.provider == "ours") == [3, 5]  # one winner per T
     assert all(r.median_ms > 0 and r.shape["W"] == 2 for r in records)
-    schedules = [r for r in records if r.extra["name"] not in ("comm", "compute")]
+    schedules = [r for r in records if r.extra["name"] not in ("comm", "compute", "compute_grouped")]
     assert all(r.extra["experts_ms"] > 0 for r in schedules)  # the experts clock ran inside each
     data = json.loads((configs / "cpu" / "moe_ffn_ep.json").read_text())
     assert data["meta"]["timing_meaningful"] is False and data["meta"]["world_size"] == 2
