@@ -32,9 +32,10 @@ every chunk's experts (the local GEMMs, inside the schedule, while the exchanges
 chunks run beside them): the experts' own time under overlap, whose slowdown against
 ``compute`` is the second number issue 6 bounds (``expert_slowdown`` = experts under overlap
 / compute - 1, where compute is ``compute_grouped`` for the copy and flags transports, whose
-experts run the ungathered GEMMs, and ``compute`` for NCCL). Because chunked GEMMs can run faster than serial's one launch, (serial - ours)
-/ comm can pass 100%; ``hidden_outside_experts`` (see :func:`summarise`) subtracts each
-schedule's own experts time first and is the stricter number.
+experts run the ungathered GEMMs, and ``compute`` for NCCL). Because chunked GEMMs can run
+faster than serial's one launch, (serial - ours) / comm can pass 100%;
+``hidden_outside_experts`` (see :func:`summarise`) subtracts each schedule's own experts time
+first and is the stricter number.
 
 Every rank samples its GPU's SM clock, power and throttle reasons (NVML) while a token count
 is timed; rank 0's summary is each results line's ``telemetry`` (the GPU its ``gpu`` names),

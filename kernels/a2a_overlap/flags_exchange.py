@@ -146,7 +146,7 @@ class FlagsExchange(CopyExchange):
                 t.record_stream(self.combine_stream)
         ws, frm, mine = self._addresses(), y_sorted.data_ptr(), []
         for j, blocks in enumerate(self._blocks):
-            expected = sum(n for *_, n in blocks) * self.Hd
+            expected = p.total[p.me * p.E_l + j] * self.Hd  # the rows local expert j receives, times Hd
             if expected == 0:
                 continue
             if self.cuda:

@@ -47,19 +47,22 @@ def _inputs(case: dict) -> dict:
     }
 
 
+def _token_range(rank, case) -> tuple[int, int]:
+    t0 = sum(case["tokens"][:rank])
+    return t0, t0 + case["tokens"][rank]
+
+
 def _shard(inp, rank, case) -> list[torch.Tensor]:
     """This rank's tokens and logits, and its experts' weights (copies)."""
     E_l = case["E"] // case["W"]
-    t0 = sum(case["tokens"][:rank])
-    t1 = t0 + case["tokens"][rank]
+    t0, t1 = _token_range(rank, case)
     return [inp["x"][t0:t1].clone(), inp["logits"][t0:t1].clone(),
             inp["w_gate_up"][rank * E_l:(rank + 1) * E_l].clone(), inp["w_down"][rank * E_l:(rank + 1) * E_l].clone()]
 
 
 def _run_rank(fn, inp, rank, case, **kw):
     """Run fn on this rank's slice/shard; return out and grads (x, logits, w_gate_up, w_down)."""
-    t0 = sum(case["tokens"][:rank])
-    t1 = t0 + case["tokens"][rank]
+    t0, t1 = _token_range(rank, case)
     leaves = [t.requires_grad_() for t in _shard(inp, rank, case)]
     out = fn(*leaves, case["top_k"], **kw)
     (out.double() * inp["dout"][t0:t1].double()).sum().backward()
